@@ -1,0 +1,105 @@
+"""Load a pretrained model and its tokenizer, freeze it, and fingerprint it.
+
+The fingerprint ties an adapter file to the backbone it was trained on: architecture, the
+name and shape of every tensor, and a few sampled weight values (compared with a tolerance,
+so the same weights loaded in bf16 or fp32 still match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .methods.base import AdapterError
+
+PROBE_VALUES = 16
+
+
+def _auto_class(config) -> type:
+    import transformers as tf
+
+    if getattr(config, "is_encoder_decoder", False):
+        return tf.AutoModelForSeq2SeqLM
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return tf.AutoModelForCausalLM
+    if any(a.endswith("ForMaskedLM") for a in architectures):
+        return tf.AutoModelForMaskedLM
+    return tf.AutoModel
+
+
+def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | str | None = None,
+                    device: str | torch.device | None = None) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer or None, backbone id) from a zoo name, a local directory or a Hub id."""
+    import transformers as tf
+
+    from . import zoo
+
+    backbone_id = str(name_or_path)
+    path = zoo.resolve(name_or_path)
+    config = tf.AutoConfig.from_pretrained(path)
+    kwargs: dict[str, Any] = {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = _auto_class(config).from_pretrained(path, **kwargs)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        tokenizer = None
+    if device is not None:
+        model.to(device)
+    return model, tokenizer, backbone_id
+
+
+def freeze(model: nn.Module) -> None:
+    """No backbone parameter ever receives a gradient."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.eval()
+
+
+def fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Architecture, a hash of every tensor's name and shape, and sampled values of a few weights."""
+    state = model.state_dict()
+    shapes = hashlib.sha256()
+    for name in sorted(state):
+        shapes.update(f"{name}:{tuple(state[name].shape)};".encode())
+    probes = []
+    big = [n for n in sorted(state) if state[n].dim() >= 2 and state[n].is_floating_point()]
+    for name in big[:: max(1, len(big) // 4)][:4]:
+        flat = state[name].detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, PROBE_VALUES // 4).long()
+        probes.extend(float(v) for v in flat[idx].float().cpu())
+    return {
+        "architecture": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", ""),
+        "shapes_sha256": shapes.hexdigest()[:32],
+        "num_parameters": sum(t.numel() for t in state.values()),
+        "probe": probes,
+    }
+
+
+def fingerprint_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> str | None:
+    """Why the two fingerprints differ, or None when they describe the same backbone."""
+    for key in ("architecture", "model_type", "shapes_sha256"):
+        if expected.get(key) != actual.get(key):
+            return f"{key} is {expected.get(key)!r} in the file but {actual.get(key)!r} here"
+    a = torch.tensor(expected.get("probe", []))
+    b = torch.tensor(actual.get("probe", []))
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=1e-3):
+        return "the sampled weight values differ (same architecture, other weights)"
+    return None
+
+
+def check_backbone(file_backbone: dict[str, Any], actual: dict[str, Any], source: str) -> None:
+    """Raise unless the file's backbone fingerprint matches `actual` (this backbone's fingerprint)."""
+    reason = fingerprint_mismatch(file_backbone, actual)
+    if reason:
+        raise AdapterError(
+            f"{source} was trained for another backbone ({file_backbone.get('id')!r}): {reason}. "
+            "Load it onto the backbone it was trained on, or pass check_backbone=False if you know they match"
+        )

@@ -1,0 +1,266 @@
+"""Many named adapters of any family over one frozen backbone.
+
+`AdaptedModel` owns the backbone and a dict of adapters. It adds, loads, saves and removes
+them, and runs the backbone with a per-call routing (see routing.py): which adapter applies to
+which row. It never asks which family an adapter is — that is the `Adapter` protocol's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapterfile import ROUTING_KEYS, AdapterStore, read_adapter_file, write_adapter_file
+from .arch import Arch
+from .backbone import check_backbone as check_backbone_fn
+from .backbone import fingerprint, freeze, load_pretrained
+from .methods import AdapterConfig, adapter_class_for
+from .methods.base import Adapter, AdapterError
+from .routing import AdapterSpec, Routing, current_routing, routing_scope
+
+_UNSET: Any = object()
+
+
+class AdaptedModel(nn.Module):
+    """A frozen backbone plus a bank of named adapters, routed per call or per row.
+
+    >>> model = AdaptedModel.from_pretrained("gemma3-270m")
+    >>> model.add_adapter("en-de", LoRA(r=8))
+    >>> model.generate(**batch, adapter=["en-de", None])   # row 0 adapted, row 1 bare
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any = None, backbone_id: str | None = None,
+                 store: str | Path | None = None, max_resident: int | None = None):
+        super().__init__()
+        freeze(model)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.backbone_id = backbone_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.arch = Arch(model)
+        self.family = self.arch.family
+        self.store = AdapterStore(store) if store is not None else None
+        self.max_resident = max_resident
+        self._adapters = nn.ModuleDict()  # slot key → Adapter (registered, so .to() moves adapters too)
+        self._slots: OrderedDict[str, str] = OrderedDict()  # adapter name → slot key, LRU order
+        self._metadata: dict[str, dict[str, Any]] = {}
+        self._next_slot = 0
+        self._merged: str | None = None
+        self._lock = threading.RLock()
+        self._backbone_fingerprint = fingerprint(model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | str | None = None,
+                        device: str | torch.device | None = None, **kwargs: Any) -> AdaptedModel:
+        model, tokenizer, backbone_id = load_pretrained(name_or_path, dtype=dtype, device=device)
+        return cls(model, tokenizer, backbone_id, **kwargs)
+
+    # -- the bank ------------------------------------------------------------------------------
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._slots)
+
+    def get_adapter(self, name: str) -> Adapter:
+        try:
+            return self._adapters[self._slots[name]]
+        except KeyError:
+            raise AdapterError(f"no adapter named {name!r}; loaded: {self.adapters}") from None
+
+    def add_adapter(self, name: str, config: AdapterConfig, **metadata: Any) -> Adapter:
+        """A new adapter of the config's family; new LoRA and bottleneck adapters are the identity."""
+        adapter = adapter_class_for(config.method)(name, config, self.arch)
+        return self._insert(name, adapter, metadata)
+
+    def _insert(self, name: str, adapter: Adapter, metadata: dict[str, Any]) -> Adapter:
+        _check_name(name)
+        with self._lock:
+            if name in self._slots:
+                raise AdapterError(f"an adapter named {name!r} is already loaded; "
+                                   "remove_adapter it first or choose another name")
+            self._make_room()
+            reference = next(self.model.parameters())
+            adapter.to(device=reference.device)
+            adapter.attach()
+            key = f"a{self._next_slot}"
+            self._next_slot += 1
+            self._adapters[key] = adapter
+            self._slots[name] = key
+            self._metadata[name] = {k: v for k, v in metadata.items() if v is not None}
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        with self._lock:
+            adapter = self.get_adapter(name)
+            if self._merged == name:
+                self.unmerge_adapter()
+            adapter.detach()
+            del self._adapters[self._slots.pop(name)]
+            self._metadata.pop(name, None)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable parameters of one adapter: what an optimizer should get."""
+        return [p for p in self.get_adapter(name).parameters() if p.requires_grad]
+
+    def adapter_metadata(self, name: str) -> dict[str, Any]:
+        self.get_adapter(name)
+        return dict(self._metadata.get(name, {}))
+
+    def num_parameters(self, name: str | None = None) -> dict[str, Any]:
+        """Trainable / saved parameter counts and their share of the backbone, and bytes on disk."""
+        backbone = sum(p.numel() for p in self.model.parameters())
+        if name is None:
+            return {"backbone": backbone}
+        adapter = self.get_adapter(name)
+        saved = adapter.adapter_state_dict()
+        return {
+            "trainable": adapter.num_trainable(),
+            "saved": sum(t.numel() for t in saved.values()),
+            "backbone": backbone,
+            "percent_of_backbone": 100.0 * adapter.num_trainable() / backbone,
+            "tensor_bytes": sum(t.numel() * t.element_size() for t in saved.values()),
+        }
+
+    # -- files ---------------------------------------------------------------------------------
+    def save_adapter(self, name: str, path: str | Path | None = None, *, metrics: dict | None = None,
+                     training: dict | None = None, **routing_keys: str) -> Path:
+        """Write one adapter to one `.safetensors` file (atomically); returns the path."""
+        unknown = set(routing_keys) - set(ROUTING_KEYS)
+        if unknown:
+            raise AdapterError(f"unknown metadata {sorted(unknown)}; routing keys are {list(ROUTING_KEYS)}")
+        adapter = self.get_adapter(name)
+        adapter.check_trained()
+        path = Path(path) if path is not None else self._store().path_for(name)
+        config = adapter.config_for_file()
+        metadata = {**self._metadata.get(name, {}), **routing_keys}
+        write_adapter_file(path, adapter.adapter_state_dict(), {
+            "method": adapter.method,
+            "config": config.to_json(),
+            "backbone": {"id": self.backbone_id, **self._backbone_fingerprint},
+            "name": name,
+            "metrics": metrics,
+            "training": training,
+            **metadata,
+        })
+        return path
+
+    def load_adapter(self, path_or_name: str | Path, name: str | None = None, *,
+                     check_backbone: bool = True) -> str:
+        """Hot-load an adapter file (or a name in the store) onto this backbone; returns its name.
+
+        Everything is checked and built before the bank changes: a failed load leaves it as it was.
+        """
+        path = Path(path_or_name)
+        if not path.suffix == ".safetensors" and self.store is not None:
+            path = self.store.path_for(str(path_or_name))
+        tensors, info = read_adapter_file(path)
+        if check_backbone:
+            check_backbone_fn(info.get("backbone", {}), self._backbone_fingerprint, path.name)
+        adapter_class = adapter_class_for(info["method"])
+        config = adapter_class.config_class.from_dict(info["config"])
+        name = name or info.get("name") or path.stem
+        if name in self._slots:
+            raise AdapterError(f"an adapter named {name!r} is already loaded; pass name=... to load it under another")
+        adapter = adapter_class(name, config, self.arch)
+        adapter.load_adapter_state_dict(tensors)
+        self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")})
+        return name
+
+    def _store(self) -> AdapterStore:
+        if self.store is None:
+            raise AdapterError("no path given and this model has no adapter store; pass a path or store=DIR")
+        return self.store
+
+    def _make_room(self) -> None:
+        """Evict the least recently used adapters that the store can bring back, beyond max_resident."""
+        if self.max_resident is None:
+            return
+        evictable = [n for n in self._slots if self.store is not None and n in self.store and n != self._merged]
+        while len(self._slots) >= self.max_resident and evictable:
+            self.remove_adapter(evictable.pop(0))
+
+    def _ensure_resident(self, names: set[str]) -> None:
+        with self._lock:
+            for name in names:
+                if name in self._slots:
+                    self._slots.move_to_end(name)
+                elif self.store is not None and name in self.store:
+                    self.load_adapter(self.store.path_for(name), name)
+                else:
+                    raise AdapterError(f"no adapter named {name!r}; loaded: {self.adapters}"
+                                       + (f"; in the store: {self.store.names()}" if self.store else ""))
+
+    # -- running -------------------------------------------------------------------------------
+    def routing_for(self, adapter: AdapterSpec | list[AdapterSpec]) -> Routing:
+        """Validate an adapter spec against the bank and turn it into a routing."""
+        routing = Routing.from_spec(adapter)
+        self._ensure_resident(routing.names)
+        if self._merged is not None:
+            if routing.is_bare:
+                routing = Routing.from_spec(self._merged)
+            elif routing.names != {self._merged}:
+                raise AdapterError(f"adapter {self._merged!r} is merged into the backbone, so every call uses it; "
+                                   "call unmerge_adapter() before routing to other adapters")
+        return routing
+
+    @contextlib.contextmanager
+    def using(self, adapter: AdapterSpec | list[AdapterSpec]) -> Iterator[Routing]:
+        """Every call inside the block uses `adapter`; safe across threads and asyncio tasks."""
+        with routing_scope(self.routing_for(adapter)) as routing:
+            yield routing
+
+    def _scope(self, adapter: Any) -> contextlib.AbstractContextManager:
+        if adapter is _UNSET:
+            if current_routing() is not None:
+                return contextlib.nullcontext()
+            adapter = None
+        return self.using(adapter)
+
+    def forward(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> Any:
+        """The backbone's forward with `adapter`: a name, a stack tuple, None, or one entry per row."""
+        with self._scope(adapter):
+            return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> torch.Tensor:
+        """`model.generate` with per-call or per-row adapters; greedy, beam search and sampling."""
+        with self._scope(adapter):
+            return self.model.generate(*args, **kwargs)
+
+    # -- merging (LoRA family) -------------------------------------------------------------------
+    def merge_adapter(self, name: str) -> None:
+        """Fold an adapter into the backbone weights: no per-call overhead until unmerged."""
+        with self._lock:
+            if self._merged is not None:
+                raise AdapterError(f"{self._merged!r} is already merged; unmerge_adapter() first")
+            self.get_adapter(name).merge()
+            self._merged = name
+
+    def unmerge_adapter(self) -> None:
+        """Restore the backbone weights exactly as loaded."""
+        with self._lock:
+            if self._merged is not None:
+                self.get_adapter(self._merged).unmerge()
+                self._merged = None
+
+    @property
+    def merged_adapter(self) -> str | None:
+        return self._merged
+
+
+
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name.strip() or any(ord(c) < 32 for c in name):
+        raise AdapterError(f"adapter names are non-empty printable strings; got {name!r}")
+
+
+def load(name_or_path: str | Path, **kwargs: Any) -> AdaptedModel:
+    """Load a backbone (zoo name, local directory or Hub id), frozen, ready for adapters."""
+    return AdaptedModel.from_pretrained(name_or_path, **kwargs)

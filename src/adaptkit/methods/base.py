@@ -1,0 +1,245 @@
+"""The one protocol every adapter family implements, and the registry that maps names to families.
+
+The bank only ever calls what `Adapter` declares; it never asks which family it holds. A new
+family is one new file: a config dataclass and an `Adapter` subclass, joined by `@register_method`.
+
+Adapters reach into the backbone through forward hooks (or the attention interface), never by
+replacing its modules: the backbone's own `state_dict()` stays exactly what was loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..arch import Arch
+from ..routing import Routing, current_routing
+
+
+class AdapterError(ValueError):
+    """Raised for anything wrong with an adapter, its file or its use; the message names the fix."""
+
+
+@dataclasses.dataclass
+class AdapterConfig:
+    """Base of every family's config. Fields are plain JSON types so they travel in the file header."""
+
+    method: ClassVar[str] = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise AdapterError(
+                f"{cls.__name__} has no field(s) {sorted(unknown)}; the file may come from a newer adaptkit — upgrade"
+            )
+        values = {k: tuple(v) if isinstance(v, list) and k == "targets" else v for k, v in data.items()}
+        return cls(**values)
+
+
+class Adapter(nn.Module):
+    """One named adapter over one backbone.
+
+    Lifecycle: `__init__` builds the parameters (nothing touches the backbone yet), `attach()`
+    hooks them in, `detach()` takes them out. Tensors go to and from the adapter file through
+    `adapter_state_dict()` / `load_adapter_state_dict()` under stable, method-relative names.
+    """
+
+    method: ClassVar[str] = ""
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, name: str, config: AdapterConfig, arch: Arch):
+        super().__init__()
+        self.name = name
+        self.config = config
+        self.arch = arch
+        # Per-site parameter holders keyed by the backbone module path ("." spelled ":" because
+        # ModuleDict keys cannot hold dots); file names spell it with dots again.
+        self.sites = nn.ModuleDict()
+
+    def add_site(self, module_path: str, holder: nn.Module) -> nn.Module:
+        self.sites[module_path.replace(".", ":")] = holder
+        return holder
+
+    def site_items(self) -> Iterator[tuple[str, nn.Module]]:
+        for key, holder in self.sites.items():
+            yield key.replace(":", "."), holder
+
+    # -- required ------------------------------------------------------------------------------
+    def attach(self) -> None:
+        raise NotImplementedError
+
+    def detach(self) -> None:
+        raise NotImplementedError
+
+    # -- file I/O: defaults cover families whose parameters are exactly what is saved -----------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {_file_key(k): v.detach().contiguous() for k, v in self.state_dict().items()}
+
+    def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Strict: every tensor present, none extra, shapes equal — or nothing is changed."""
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        wrong = sorted(k for k in set(own) & set(tensors) if own[k].shape != tensors[k].shape)
+        if missing or extra or wrong:
+            details = []
+            if missing:
+                details.append(f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}")
+            if extra:
+                details.append(f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}")
+            if wrong:
+                k = wrong[0]
+                details.append(f"shape of {k}: file {tuple(tensors[k].shape)} vs adapter {tuple(own[k].shape)}")
+            raise AdapterError(
+                f"adapter {self.name!r} ({self.method}) does not fit its tensors: {'; '.join(details)}. "
+                "Was it saved with another config or for another backbone?"
+            )
+        self._load_checked(tensors)
+
+    def _load_checked(self, tensors: dict[str, torch.Tensor]) -> None:
+        by_file_key = {_file_key(k): k for k in self.state_dict()}
+        with torch.no_grad():
+            self.load_state_dict({by_file_key[k]: v for k, v in tensors.items()}, strict=True)
+
+    def config_for_file(self) -> AdapterConfig:
+        """The config written next to the tensors (AdaLoRA, prefix MLP may change it on save)."""
+        return self.config
+
+    # -- optional capabilities ------------------------------------------------------------------
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def num_saved(self) -> int:
+        return sum(t.numel() for t in self.adapter_state_dict().values())
+
+    def merge(self) -> None:
+        raise AdapterError(f"{self.method} adapters cannot be merged into the backbone; only the LoRA family can")
+
+    def unmerge(self) -> None:
+        raise AdapterError(f"{self.method} adapters cannot be merged into the backbone; only the LoRA family can")
+
+    def on_step_end(self, step: int) -> None:
+        """Called by training loops after each optimizer step (AdaLoRA's budget schedule)."""
+
+    def check_trained(self) -> None:
+        """Raise if training left the adapter in a state it must not be saved in."""
+
+
+def _file_key(state_key: str) -> str:
+    return state_key.removeprefix("sites.").replace(":", ".")
+
+
+METHODS: dict[str, type[Adapter]] = {}
+
+
+def register_method(adapter_class: type[Adapter]) -> type[Adapter]:
+    """Class decorator: make a family known to the bank and to the file reader by its method name."""
+    name = adapter_class.method
+    if not name or name in METHODS:
+        raise ValueError(f"method name {name!r} is empty or already registered")
+    METHODS[name] = adapter_class
+    return adapter_class
+
+
+def adapter_class_for(method: str) -> type[Adapter]:
+    try:
+        return METHODS[method]
+    except KeyError:
+        raise AdapterError(
+            f"unknown adapter method {method!r}; known methods: {sorted(METHODS)}. "
+            "A file from a newer adaptkit may need an upgrade"
+        ) from None
+
+
+# -- one forward hook per (module, family), shared by that family's adapters on the module ------
+
+HookFn = Callable[["HookSite", nn.Module, tuple, Any, Routing], Any]
+_SITES: weakref.WeakKeyDictionary[nn.Module, dict[str, HookSite]] = weakref.WeakKeyDictionary()
+
+
+class HookSite:
+    """A forward hook on one backbone module that runs the adapters routed to the current call.
+
+    Several adapters of a family may sit on the same module; one hook serves them all, so the
+    cost of a call with no adapter is one context-variable read per hooked module.
+    """
+
+    def __init__(self, module: nn.Module, apply: HookFn, pre: bool = False):
+        self.module = module
+        self.apply = apply
+        self.members: dict[str, nn.Module] = {}
+        if pre:
+            self.handle = module.register_forward_pre_hook(self._pre_hook)
+        else:
+            self.handle = module.register_forward_hook(self._hook)
+
+    @classmethod
+    def join(cls, module: nn.Module, key: str, apply: HookFn, adapter_name: str, member: nn.Module,
+             pre: bool = False) -> HookSite:
+        sites = _SITES.setdefault(module, {})
+        site = sites.get(key)
+        if site is None:
+            site = sites[key] = cls(module, apply, pre)
+        site.members[adapter_name] = member
+        return site
+
+    def leave(self, adapter_name: str) -> None:
+        self.members.pop(adapter_name, None)
+        if not self.members:
+            self.handle.remove()
+            for key, site in list(_SITES.get(self.module, {}).items()):
+                if site is self:
+                    del _SITES[self.module][key]
+
+    def _active(self) -> Routing | None:
+        routing = current_routing()
+        if routing is None or not self.members:
+            return None
+        names = routing.names
+        if not names or names.isdisjoint(self.members):
+            return None
+        return routing
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        routing = self._active()
+        if routing is None:
+            return None
+        return self.apply(self, module, args, output, routing)
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> Any:
+        routing = self._active()
+        if routing is None:
+            return None
+        return self.apply(self, module, args, None, routing)
+
+    def routed(self, routing: Routing, batch_size: int, device: torch.device) -> Iterator[tuple[nn.Module, torch.Tensor | None]]:
+        """(member, rows) for each adapter of this site that the call routes, in stack order."""
+        for group in routing.groups(batch_size, device):
+            member = self.members.get(group.name)
+            if member is not None:
+                yield member, group.rows
+
+
+def add_rows(base: torch.Tensor, delta_fn: Callable[[torch.Tensor | None], torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+    """base + delta on the given rows only (all rows when None), without touching other rows."""
+    if rows is None:
+        return base + delta_fn(None)
+    return base.index_add(0, rows, delta_fn(rows).to(base.dtype))
+
+
+def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return x if rows is None else x.index_select(0, rows)

@@ -1,0 +1,138 @@
+"""LoRA: a low-rank update beside each targeted projection.
+
+        x ──► W (frozen) ──────────────┐
+        │                              + ──► y = W x + (alpha / r) · B A x
+        └──► A (r × in) ──► B (out × r)┘      B starts at zero: a new adapter is the identity
+
+The update rides on a forward hook of the projection; rows routed to other adapters (or to
+none) pass through untouched. Merging writes B A into W for zero-overhead inference and keeps
+a copy of W so that unmerging restores it bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..arch import Arch, LinearSite, linear_shape
+from ..routing import Routing
+from .base import Adapter, AdapterConfig, AdapterError, HookSite, add_rows, register_method, select_rows
+
+
+@dataclass
+class LoRA(AdapterConfig):
+    """r: rank; alpha: scale numerator (update scaled by alpha / r, or alpha / sqrt(r) with rslora);
+    targets: "attention" | "qv" | "ffn" | "all-linear" | roles like ("q", "v") | module names."""
+
+    method = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | tuple[str, ...] = "attention"
+    use_rslora: bool = False
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise AdapterError(f"LoRA rank r must be at least 1, got {self.r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoRAUpdate(nn.Module):
+    """B A x for one projection. `merged` marks that B A currently lives inside W."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float):
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.empty(r, in_features))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # peft's init, so parity tests can share weights
+        self.scale = scale
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """The (out × in) matrix that merging adds to W."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def apply_low_rank(site: HookSite, module: nn.Module, args: tuple, output: Any, routing: Routing) -> torch.Tensor:
+    """Forward hook shared by LoRA and AdaLoRA: add each routed adapter's update on its rows."""
+    x = args[0]
+    out = output
+    for update, rows in site.routed(routing, x.shape[0], x.device):
+        if update.merged:
+            continue
+        out = add_rows(out, lambda r, u=update: u(select_rows(x, r)), rows)
+    return out
+
+
+class LowRankAdapter(Adapter):
+    """What LoRA and AdaLoRA share: one update per targeted projection, hooked, mergeable."""
+
+    HOOK_KEY = "low_rank"
+
+    def __init__(self, name: str, config: AdapterConfig, arch: Arch):
+        super().__init__(name, config, arch)
+        self.targets: list[LinearSite] = arch.select_linears(config.targets)
+        for target in self.targets:
+            in_features, out_features = linear_shape(target.module)
+            self.add_site(target.name, self.make_update(in_features, out_features))
+        self._hook_sites: list[HookSite] = []
+        self._backups: dict[str, torch.Tensor] = {}
+
+    def make_update(self, in_features: int, out_features: int) -> nn.Module:
+        raise NotImplementedError
+
+    def updates(self) -> list[tuple[LinearSite, nn.Module]]:
+        holders = dict(self.site_items())
+        return [(target, holders[target.name]) for target in self.targets]
+
+    def attach(self) -> None:
+        for target, update in self.updates():
+            self._hook_sites.append(HookSite.join(target.module, self.HOOK_KEY, apply_low_rank, self.name, update))
+
+    def detach(self) -> None:
+        if self._backups:
+            self.unmerge()
+        for site in self._hook_sites:
+            site.leave(self.name)
+        self._hook_sites.clear()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for target, update in self.updates():
+            if update.merged:
+                continue
+            weight = target.module.weight
+            self._backups[target.name] = weight.detach().clone()
+            delta = update.delta_weight().to(weight.dtype)
+            weight += delta.T if isinstance(target.module, Conv1D) else delta
+            update.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        for target, update in self.updates():
+            if update.merged:
+                target.module.weight.copy_(self._backups.pop(target.name))
+                update.merged = False
+
+
+@register_method
+class LoRAAdapter(LowRankAdapter):
+    method = "lora"
+    config_class = LoRA
+
+    def make_update(self, in_features: int, out_features: int) -> nn.Module:
+        c = self.config
+        return LoRAUpdate(in_features, out_features, c.r, c.scale, c.dropout)
