@@ -188,7 +188,8 @@ class Arch:
         targets = list(targets)
         role_names = set(_ROLE_BY_LEAF.values())
         if all(t in role_names for t in targets):
-            return [s for s in self.linears if s.role in targets or (s.role == "qkv" and {"q", "k", "v"} & set(targets))]
+            fused = {"q", "k", "v"} & set(targets)  # GPT-2's c_attn holds q, k and v in one projection
+            return [s for s in self.linears if s.role in targets or (s.role == "qkv" and fused)]
         chosen = [s for s in self.linears if any(re.fullmatch(t, s.name) or s.name.endswith("." + t) for t in targets)]
         if not chosen:
             raise ValueError(f"no projection of this {self.model_type} model matches {targets}; "

@@ -203,7 +203,7 @@ class AdaptedModel(nn.Module):
         if self._merged is not None:
             if routing.is_bare:
                 routing = Routing.from_spec(self._merged)
-            elif routing.names != {self._merged}:
+            elif routing.uniform != (self._merged,):
                 raise AdapterError(f"adapter {self._merged!r} is merged into the backbone, so every call uses it; "
                                    "call unmerge_adapter() before routing to other adapters")
         return routing

@@ -226,7 +226,8 @@ class HookSite:
             return None
         return self.apply(self, module, args, None, routing)
 
-    def routed(self, routing: Routing, batch_size: int, device: torch.device) -> Iterator[tuple[nn.Module, torch.Tensor | None]]:
+    def routed(self, routing: Routing, batch_size: int,
+               device: torch.device) -> Iterator[tuple[nn.Module, torch.Tensor | None]]:
         """(member, rows) for each adapter of this site that the call routes, in stack order."""
         for group in routing.groups(batch_size, device):
             member = self.members.get(group.name)
@@ -234,7 +235,8 @@ class HookSite:
                 yield member, group.rows
 
 
-def add_rows(base: torch.Tensor, delta_fn: Callable[[torch.Tensor | None], torch.Tensor], rows: torch.Tensor | None) -> torch.Tensor:
+def add_rows(base: torch.Tensor, delta_fn: Callable[[torch.Tensor | None], torch.Tensor],
+             rows: torch.Tensor | None) -> torch.Tensor:
     """base + delta on the given rows only (all rows when None), without touching other rows."""
     if rows is None:
         return base + delta_fn(None)

@@ -1,0 +1,51 @@
+"""The `adaptkit` command: one subcommand per job, each defined beside the code it drives."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+# (module, function that adds its subcommands); modules are imported when the command runs,
+# so `adaptkit --help` stays fast and nothing loads torch models at import time.
+SUBCOMMANDS = [
+    ("adaptkit.cli_zoo", "add_zoo_commands"),
+    ("adaptkit.cli_corpus", "add_corpus_commands"),
+    ("adaptkit.cli_train", "add_train_commands"),
+    ("adaptkit.demo", "add_demo_command"),
+    ("adaptkit.cli_bench", "add_bench_commands"),
+]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .adapterfile import read_adapter_info
+
+    print(json.dumps(read_adapter_info(args.path), indent=2, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptkit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="show the metadata of an adapter file")
+    info.add_argument("path")
+    info.set_defaults(func=_info)
+    for module_name, function in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            if error.name != module_name:
+                raise
+            continue
+        getattr(module, function)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

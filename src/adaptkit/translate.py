@@ -1,0 +1,89 @@
+"""Translator: (source language, target language, domain) → the right adapter, per row.
+
+One batch may mix language pairs and domains: each row's prompt is built for its own pair and
+the row is routed to its own adapter, all in one `generate` call over the shared backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .bank import AdaptedModel
+from .data import PromptFormat, _pad, _pad_id, decode_generated, encode_decoder_example
+from .methods.base import AdapterError
+
+
+class Translator:
+    """Pick adapters by the routing keys saved in their files (`src_lang`, `tgt_lang`, `domain`)."""
+
+    def __init__(self, model: AdaptedModel, prompt: PromptFormat | None = None, batch_size: int = 16,
+                 max_source_len: int = 256):
+        if model.tokenizer is None:
+            raise AdapterError("Translator needs a tokenizer: load the backbone with ak.load(...) or pass one")
+        self.model = model
+        self.prompt = prompt or PromptFormat()
+        self.batch_size = batch_size
+        self.max_source_len = max_source_len
+
+    def adapter_for(self, src_lang: str, tgt_lang: str, domain: str | None = None) -> str | None:
+        """The loaded adapter whose metadata matches; a pair-only adapter serves any domain."""
+        best, best_score = None, 0
+        for name in self.model.adapters:
+            meta = self.model.adapter_metadata(name)
+            if meta.get("src_lang") != src_lang or meta.get("tgt_lang") != tgt_lang:
+                continue
+            score = 2 if domain is not None and meta.get("domain") == domain else 1
+            if meta.get("domain") not in (None, domain):
+                continue
+            if score > best_score:
+                best, best_score = name, score
+        return best
+
+    def translate(self, texts: Sequence[str], src_lang: str | Sequence[str], tgt_lang: str | Sequence[str],
+                  domain: str | None | Sequence[str | None] = None, adapter: Any = "auto",
+                  num_beams: int = 4, max_new_tokens: int = 128, progress: bool = False, **generate_kwargs: Any
+                  ) -> list[str]:
+        """Translate `texts`; languages and domain may be given per row. `adapter="auto"` routes
+        each row by its (src, tgt, domain); otherwise it is passed to the bank as is."""
+        n = len(texts)
+        srcs = _per_row(src_lang, n)
+        tgts = _per_row(tgt_lang, n)
+        domains = _per_row(domain, n)
+        if adapter == "auto":
+            routes: list[Any] = [self.adapter_for(s, t, d) for s, t, d in zip(srcs, tgts, domains)]
+        else:
+            routes = _per_row(adapter, n) if isinstance(adapter, list) else [adapter] * n
+        out: list[str] = []
+        starts = range(0, n, self.batch_size)
+        for start in tqdm(starts, desc="translating", disable=not progress):
+            rows = range(start, min(n, start + self.batch_size))
+            inputs = self._inputs([texts[i] for i in rows], [srcs[i] for i in rows], [tgts[i] for i in rows])
+            generated = self.model.generate(**inputs, adapter=[routes[i] for i in rows], num_beams=num_beams,
+                                            max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+            out.extend(decode_generated(self.model.tokenizer, generated, inputs, self.model.family))
+        return out
+
+    def _inputs(self, texts: list[str], srcs: list[str], tgts: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer = self.model.tokenizer
+        if self.model.family == "decoder":
+            ids = [encode_decoder_example(tokenizer, text, None, s, t, self.prompt, self.max_source_len)[0]["input_ids"]
+                   for text, s, t in zip(texts, srcs, tgts)]
+            left = True
+        else:
+            ids = [tokenizer(text, truncation=True, max_length=self.max_source_len)["input_ids"] for text in texts]
+            left = False
+        device = next(self.model.model.parameters()).device
+        return {"input_ids": _pad(ids, _pad_id(tokenizer), left).to(device),
+                "attention_mask": _pad([[1] * len(i) for i in ids], 0, left).to(device)}
+
+
+def _per_row(value: Any, n: int) -> list:
+    if isinstance(value, (list, tuple)) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"got {len(value)} per-row values for {n} texts")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,209 @@
+"""Bad input never half-loads, names never escape the store, concurrent callers never mix adapters."""
+
+import asyncio
+import json
+import pickle
+import struct
+import threading
+
+import pytest
+import torch
+
+import adaptkit as ak
+from adaptkit import adapterfile
+from tiny import tiny_batch, tiny_model
+
+
+def randomized(model: ak.AdaptedModel, name: str, config, seed: int) -> None:
+    model.add_adapter(name, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.adapter_parameters(name):
+            p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = ak.AdaptedModel(tiny_model("llama"))
+    randomized(model, "good", ak.LoRA(r=4), seed=0)
+    return model, model.save_adapter("good", tmp_path / "good.safetensors")
+
+
+def assert_bank_unchanged(model, names, batch, logits):
+    assert model.adapters == names
+    torch.testing.assert_close(model(**batch).logits, logits, atol=0, rtol=0)
+
+
+def _rewrite_metadata(path, out, **changes):
+    tensors, _ = adapterfile.read_adapter_file(path)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+    metadata.update(changes)
+    save_file(tensors, str(out), metadata=metadata)
+    return out
+
+
+def test_bad_files_are_refused_whole(saved, tmp_path):
+    model, good = saved
+    fresh = ak.AdaptedModel(tiny_model("llama"))
+    batch = tiny_batch("llama")
+    before = fresh(**batch).logits
+    data = good.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) - 100])
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(data[:-8] + bytes(8))  # flip the last tensor bytes: caught by the checksum
+    pickled = tmp_path / "adapter_model.bin"
+    pickled.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
+    torch_saved = tmp_path / "torch.safetensors"
+    torch.save({"w": torch.zeros(2)}, torch_saved)
+    future = _rewrite_metadata(good, tmp_path / "future.safetensors", **{"adaptkit.format": "99"})
+    unknown = _rewrite_metadata(good, tmp_path / "unknown.safetensors", **{"adaptkit.method": "hypernet"})
+
+    cases = [
+        (truncated, "truncated"),
+        (corrupt, "corrupt"),
+        (pickled, "pickle"),
+        (torch_saved, "pickle"),
+        (future, "format version '99'"),
+        (unknown, "unknown adapter method 'hypernet'"),
+        (tmp_path / "missing.safetensors", "no adapter file"),
+    ]
+    for path, message in cases:
+        with pytest.raises(ak.AdapterError, match=message):
+            fresh.load_adapter(path)
+        assert_bank_unchanged(fresh, [], batch, before)
+
+
+def test_file_from_another_backbone_is_refused(saved):
+    _, good = saved
+    other = ak.AdaptedModel(tiny_model("llama", seed=5))  # same architecture, other weights
+    with pytest.raises(ak.AdapterError, match="trained for another backbone.*weight values differ"):
+        other.load_adapter(good)
+    gpt2 = ak.AdaptedModel(tiny_model("gpt2"))
+    with pytest.raises(ak.AdapterError, match="architecture"):
+        gpt2.load_adapter(good)
+    assert other.adapters == [] and gpt2.adapters == []
+
+
+def test_duplicate_names_and_failed_load_keep_the_bank(saved):
+    model, good = saved
+    batch = tiny_batch("llama")
+    before = model(**batch, adapter="good").logits
+    with pytest.raises(ak.AdapterError, match="already loaded"):
+        model.add_adapter("good", ak.LoRA(r=2))
+    with pytest.raises(ak.AdapterError, match="already loaded"):
+        model.load_adapter(good)
+    assert model.adapters == ["good"]
+    torch.testing.assert_close(model(**batch, adapter="good").logits, before, atol=0, rtol=0)
+    assert model.load_adapter(good, name="copy") == "copy"
+
+
+def test_config_mismatch_is_refused(saved, tmp_path):
+    _, good = saved
+    tensors, info = adapterfile.read_adapter_file(good)
+    config = dict(info["config"], r=8)
+    wrong = tmp_path / "wrong.safetensors"
+    adapterfile.write_adapter_file(wrong, tensors, {**{k: v for k, v in info.items() if k not in ("sha256", "format")},
+                                                    "config": json.dumps(config)})
+    fresh = ak.AdaptedModel(tiny_model("llama"))
+    with pytest.raises(ak.AdapterError, match="does not fit its tensors"):
+        fresh.load_adapter(wrong)
+    assert fresh.adapters == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/../../b", "/etc/passwd", "a//b", "..", "a\\b", ""])
+def test_names_never_escape_the_store(tmp_path, name):
+    store = ak.AdapterStore(tmp_path / "store")
+    with pytest.raises(ak.AdapterError):
+        store.path_for(name)
+
+
+def test_store_names_and_lru_residency(tmp_path):
+    model = ak.AdaptedModel(tiny_model("llama"), store=tmp_path / "store", max_resident=2)
+    batch = tiny_batch("llama")
+    expected = {}
+    for i, name in enumerate(["de/it", "es/bible", "style"]):
+        randomized(model, name, ak.LoRA(r=2), seed=i)
+        expected[name] = model(**batch, adapter=name).logits
+        model.save_adapter(name)
+    assert ak.AdapterStore(tmp_path / "store").names() == ["de/it", "es/bible", "style"]
+    assert (tmp_path / "store" / "de" / "it.safetensors").is_file()
+    assert len(model.adapters) <= 2
+    for name in ["de/it", "style", "es/bible", "de/it"]:  # evicted ones come back from the store
+        torch.testing.assert_close(model(**batch, adapter=name).logits, expected[name], atol=1e-6, rtol=0)
+        assert len(model.adapters) <= 2 and model.adapters[-1] == name
+
+
+def test_killed_save_leaves_old_file(saved, monkeypatch):
+    model, good = saved
+    old = good.read_bytes()
+    with torch.no_grad():
+        for p in model.adapter_parameters("good"):
+            p.add_(1.0)
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapterfile, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_adapter("good", good)
+    assert good.read_bytes() == old
+    assert [p.name for p in good.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_threads_never_see_each_others_adapters():
+    model = ak.AdaptedModel(tiny_model("llama"))
+    names = [f"a{i}" for i in range(8)]
+    for i, name in enumerate(names):
+        randomized(model, name, ak.LoRA(r=2, targets="all-linear"), seed=i)
+    batch = tiny_batch("llama")
+    reference = {name: model(**batch, adapter=name).logits for name in names}
+    failures = []
+
+    def worker(thread_index):
+        for call in range(20):
+            name = names[(thread_index + call) % len(names)]
+            out = model(**batch, adapter=name).logits
+            if not torch.allclose(out, reference[name], atol=1e-6, rtol=0):
+                failures.append((thread_index, call, name))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
+
+
+def test_asyncio_tasks_keep_their_own_scope():
+    model = ak.AdaptedModel(tiny_model("gpt2"))
+    for i, name in enumerate(["x", "y"]):
+        randomized(model, name, ak.LoRA(r=2), seed=i)
+    batch = tiny_batch("gpt2")
+    reference = {n: model(**batch, adapter=n).logits for n in ("x", "y", None)}
+
+    async def task(name):
+        with model.using(name):
+            await asyncio.sleep(0.01)  # the other task enters its scope meanwhile
+            return model(**batch).logits
+
+    async def main():
+        return await asyncio.gather(task("x"), task("y"), task(None))
+
+    results = asyncio.run(main())
+    for name, out in zip(("x", "y", None), results):
+        torch.testing.assert_close(out, reference[name], atol=0, rtol=0)
+
+
+def test_header_length_lie_is_truncation(tmp_path):
+    path = tmp_path / "lie.safetensors"
+    path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    with pytest.raises(ak.AdapterError, match="truncated"):
+        ak.read_adapter_info(path)
