@@ -207,3 +207,19 @@ def test_header_length_lie_is_truncation(tmp_path):
     path.write_bytes(struct.pack("<Q", 10_000) + b"{}")
     with pytest.raises(ak.AdapterError, match="truncated"):
         ak.read_adapter_info(path)
+
+
+def test_header_length_ending_in_pickle_byte_still_loads(tmp_path):
+    """A valid header whose length's low byte is 0x80 must not be mistaken for a pickle."""
+    from safetensors.torch import save_file
+
+    for pad in range(256):
+        path = tmp_path / "h.safetensors"
+        save_file({"w": torch.zeros(1)}, str(path), metadata={"x": "y" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.skip("no padding gave a 0x80 low byte")
+    from adaptkit.adapterfile import _read_header
+
+    assert "w" in _read_header(path)

@@ -2,12 +2,15 @@
 
 from .adapterfile import AdapterStore, read_adapter_info
 from .bank import AdaptedModel, load
-from .methods import METHODS, Adapter, AdapterConfig, AdapterError, LoRA, register_method
+from .methods import METHODS, AdaLoRA, Adapter, AdapterConfig, AdapterError, Bottleneck, LoRA, Prefix, register_method
+from .peft_interop import export_peft
+from .peft_interop import import_peft_dir as import_peft
 from .routing import current_routing
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "METHODS", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "LoRA",
-    "current_routing", "load", "read_adapter_info", "register_method",
+    "METHODS", "AdaLoRA", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "Bottleneck",
+    "LoRA", "Prefix",
+    "current_routing", "export_peft", "import_peft", "load", "read_adapter_info", "register_method",
 ]

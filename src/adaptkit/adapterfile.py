@@ -78,7 +78,11 @@ def _read_header(path: Path) -> dict[str, Any]:
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
-        if head[:1] == b"\x80" or head[:2] == b"PK":
+        # a header length whose low byte is 0x80 (or 0x50 0x4B) looks like a pickle (or zip) start;
+        # a safetensors header always opens with "{" at byte 8, which neither of those has there
+        opens_json = handle.read(1) == b"{"
+        handle.seek(8)
+        if not opens_json and (head[:1] == b"\x80" or head[:2] == b"PK"):
             raise AdapterError(
                 f"{path.name} is a pickle / torch.save file; adaptkit never unpickles (it can run code). "
                 "Convert it to .safetensors in a trusted environment, or use import_peft for a PEFT directory"

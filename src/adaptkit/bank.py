@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import peft_interop
 from .adapterfile import ROUTING_KEYS, AdapterStore, read_adapter_file, write_adapter_file
 from .arch import Arch
 from .backbone import check_backbone as check_backbone_fn
@@ -224,7 +225,19 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> Any:
         """The backbone's forward with `adapter`: a name, a stack tuple, None, or one entry per row."""
         with self._scope(adapter):
-            return self.model(*args, **kwargs)
+            output = self.model(*args, **kwargs)
+            if self.model.training and getattr(output, "loss", None) is not None:
+                output.loss = self._add_regularization(output.loss)
+            return output
+
+    def _add_regularization(self, loss: torch.Tensor) -> torch.Tensor:
+        """Add each routed adapter's training regularizer (AdaLoRA's orthogonality) to the loss."""
+        routing = current_routing()
+        for name in sorted(routing.names if routing is not None else ()):
+            term = self.get_adapter(name).regularization_loss()
+            if term is not None:
+                loss = loss + term.to(loss.device)
+        return loss
 
     @torch.no_grad()
     def generate(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> torch.Tensor:
@@ -251,6 +264,15 @@ class AdaptedModel(nn.Module):
     @property
     def merged_adapter(self) -> str | None:
         return self._merged
+
+    # -- peft directories ------------------------------------------------------------------------
+    def export_peft(self, name: str, out_dir: str | Path) -> Path:
+        """Write a LoRA / AdaLoRA adapter as a peft directory (adapter_config.json + safetensors)."""
+        return peft_interop.export_peft(self, name, out_dir)
+
+    def import_peft(self, peft_dir: str | Path, name: str | None = None) -> str:
+        """Load a peft LoRA / AdaLoRA / prefix-tuning directory (safetensors only) as an adapter."""
+        return peft_interop.import_peft(self, peft_dir, name)
 
 
 

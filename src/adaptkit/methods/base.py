@@ -138,6 +138,10 @@ class Adapter(nn.Module):
     def check_trained(self) -> None:
         """Raise if training left the adapter in a state it must not be saved in."""
 
+    def regularization_loss(self) -> torch.Tensor | None:
+        """A term the bank adds to the training loss when this adapter is routed (AdaLoRA's orthogonality)."""
+        return None
+
 
 def _file_key(state_key: str) -> str:
     return state_key.removeprefix("sites.").replace(":", ".")
