@@ -72,7 +72,8 @@ def fingerprint(model: nn.Module) -> dict[str, Any]:
     big = [n for n in sorted(state) if state[n].dim() >= 2 and state[n].is_floating_point()]
     for name in big[:: max(1, len(big) // 4)][:4]:
         flat = state[name].detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, PROBE_VALUES // 4).long()
+        count = PROBE_VALUES // 4  # integer spacing: float linspace overshoots on 10^8-element tensors
+        idx = torch.arange(count) * (flat.numel() - 1) // (count - 1)
         probes.extend(float(v) for v in flat[idx].float().cpu())
     return {
         "architecture": type(model).__name__,
