@@ -1,0 +1,679 @@
+"""One trainer on `accelerate` for one adapter, or for the whole backbone (`full=True`).
+
+Read it top to bottom like a torchtune recipe: `TrainConfig` (every option, and the CLI's
+flags), `train()` (the entry point), then `Recipe`: setup → loop → evaluate → save, and the
+checkpoint code that makes a killed run continue where it stopped.
+
+The trainer never asks which adapter family it trains: it optimises
+`model.adapter_parameters(name)`, runs `model(**batch, adapter=name)` (the bank adds any
+regularisation loss) and calls `adapter.on_step_end(step)` after every optimizer step, before
+the gradients are zeroed (AdaLoRA reads them there).
+
+Loss normalisation is by target tokens over the whole optimizer step — across gradient
+accumulation and across processes — so 2 processes × batch 4 give the same update as
+1 process × batch 8, and accumulation equals a bigger batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import metrics as M
+from .methods.base import METHODS, AdapterConfig, AdapterError, adapter_class_for
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every training option. The CLI derives one flag per field (`--batch-size`, `--no-generate`)."""
+
+    # what to train
+    backbone: str | None = None  # zoo name, local dir or Hub id (CLI; ak.train takes a loaded model)
+    adapter: str = "adapter"  # the adapter's name in the bank and in the file
+    method: str = "lora"  # family of a new adapter: lora | adalora | prefix | bottleneck
+    adapter_options: dict = dataclasses.field(default_factory=dict)  # the family's config, e.g. {"r": 16}
+    full: bool = False  # fine-tune the whole backbone instead (the baseline adapters are measured against)
+    # data
+    data: str | None = None  # shipped sample name, directory of {train,dev,test}.jsonl, or a file
+    train_split: str = "train"
+    dev_split: str = "dev"
+    src_lang: str | None = None  # routing keys saved in the adapter file; default: the data's columns
+    tgt_lang: str | None = None
+    domain: str | None = None
+    prompt: str | None = None  # decoder LM prompt template (default: data.PromptFormat's)
+    chat_template: bool = False
+    max_source_len: int = 256
+    max_target_len: int = 256
+    # schedule
+    batch_size: int = 8  # per process
+    grad_accum: int = 1
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "linear"  # linear | cosine | constant
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"  # auto (bf16/fp16 where the hardware has it) | no | bf16 | fp16
+    seed: int = 0
+    # evaluation
+    eval_every: int | None = 100  # optimizer steps; the run also evaluates at its end
+    eval_samples: int | None = None  # first N dev rows only
+    eval_batch_size: int = 16
+    generate: bool = True  # BLEU / chrF / TER of generated translations, not just the loss
+    num_beams: int = 1
+    max_new_tokens: int = 128
+    metric: str | None = None  # early stopping / best: loss | bleu | chrf | ter (default chrf, or loss)
+    patience: int | None = None  # evaluations without improvement before stopping
+    min_delta: float = 0.0
+    slice_head: bool = True  # decoder LMs: LM head only at target positions (exact, much faster)
+    # output
+    output_dir: str | None = None  # default runs/<adapter>
+    checkpoint_every: int | None = None  # default: eval_every; 0 = never
+    resume: bool = True  # continue from output_dir/checkpoints if present
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(f"schedule must be linear, cosine or constant; got {self.schedule!r}")
+        if self.metric is not None and self.metric not in M.MODES:
+            raise ValueError(f"metric must be one of {sorted(M.MODES)}; got {self.metric!r}")
+        if self.metric not in (None, "loss") and not self.generate:
+            raise ValueError(f"metric {self.metric!r} is computed on generated output; set generate=True")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError("batch_size and grad_accum must be at least 1")
+
+    @property
+    def best_metric(self) -> str:
+        return self.metric or ("chrf" if self.generate else "loss")
+
+    @property
+    def checkpoint_interval(self) -> int:
+        return (self.eval_every if self.checkpoint_every is None else self.checkpoint_every) or 0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or Path("runs") / _slug(self.adapter))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(read_config_file(path))
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of TrainConfig fields; `[train]` may wrap them."""
+    path = Path(path)
+    if path.suffix == ".toml":
+        import tomllib
+
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    elif path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    else:
+        raise ValueError(f"config files are .toml, .yaml or .yml; got {path.name!r}")
+    return data.get("train", data)
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "adapter"
+
+
+def train(model: Any, adapter: str | None = None, train: Any = None, dev: Any = None, *,
+          config: TrainConfig | None = None, adapter_config: AdapterConfig | None = None,
+          **options: Any) -> dict[str, Any]:
+    """Train one adapter (or, with `full=True`, the whole backbone); returns the run summary.
+
+    `model` is an `AdaptedModel` (or a backbone name to load); `train`/`dev` are datasets, files,
+    directories or shipped sample names (default: `data`'s splits); `options` are `TrainConfig`
+    fields. A new adapter is built from `adapter_config`, else from `method` + `adapter_options`.
+
+    >>> ak.train(model, adapter="en-de/it", train="libreoffice-help-en-de", max_steps=40, r=16)
+    """
+    values = config.to_dict() if config is not None else {}
+    family_fields = _family_option_names(options.get("method", values.get("method", "lora")))
+    family_options = {k: options.pop(k) for k in list(options) if k in family_fields}
+    values.update(options)
+    if adapter is not None:
+        values["adapter"] = adapter
+    if family_options:
+        values["adapter_options"] = {**values.get("adapter_options", {}), **family_options}
+    cfg = TrainConfig.from_dict(values)
+    recipe = Recipe(cfg)
+    try:
+        recipe.setup(model, train, dev, adapter_config)
+        return recipe.run()
+    finally:
+        recipe.cleanup()
+
+
+def _family_option_names(method: str) -> set[str]:
+    """Family config fields may be passed to `train()` directly (`r=16`) when no TrainConfig field clashes."""
+    if method not in METHODS:
+        return set()
+    own = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {f.name for f in dataclasses.fields(METHODS[method].config_class)} - own
+
+
+def _precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def _cpu_processes() -> bool:
+    """Several processes and no accelerator: accelerate needs `cpu=True` to join them over gloo
+    (`accelerate launch --multi_gpu --num_processes N` or `torchrun` on a CPU-only machine)."""
+    has_accelerator = getattr(torch, "accelerator", None) is not None and torch.accelerator.is_available()
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (has_accelerator or torch.cuda.is_available())
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warmup to the peak, then linear or cosine decay to zero (or constant)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return max(0.0, 1.0 - progress)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A fresh permutation per epoch from (seed, epoch): the data position is just two integers."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+@dataclasses.dataclass
+class RunState:
+    """Everything about progress that a checkpoint must restore, besides tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of `epoch` already consumed (per process)
+    best_value: float | None = None
+    best_step: int | None = None
+    best_metrics: dict | None = None
+    bad_evals: int = 0
+    last_eval_step: int | None = None
+    last_metrics: dict | None = None
+    stopped_early: bool = False
+    tokens: int = 0
+    train_loss: float | None = None
+
+
+class Recipe:
+    """setup → run (loop, evaluate, save) → cleanup. One instance trains one adapter once."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.state = RunState()
+        self.step_times: list[tuple[float, int]] = []  # (seconds, tokens) per optimizer step
+        self._requires_grad: dict[torch.nn.Parameter, bool] = {}
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self, model: Any, train_data: Any, dev_data: Any, adapter_config: AdapterConfig | None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from . import data as D
+        from .bank import AdaptedModel
+
+        cfg = self.cfg
+        self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), cpu=_cpu_processes())
+        set_seed(cfg.seed)  # before the adapter is built: its initial weights come from this seed
+        if not isinstance(model, AdaptedModel):
+            model = AdaptedModel.from_pretrained(model or cfg.backbone)
+        if model.tokenizer is None:
+            raise AdapterError("training needs the backbone's tokenizer: load it with ak.load(...) "
+                               "or set model.tokenizer")
+        if model.family not in ("seq2seq", "decoder"):
+            raise AdapterError("the trainer trains seq2seq and decoder LMs on text pairs; "
+                               f"this backbone is {model.family}")
+        self.model, self.family, self.tokenizer = model, model.family, model.tokenizer
+
+        # data: pairs → tokens; the prompt (decoder LMs) is part of the recipe, saved with the adapter
+        source = train_data if train_data is not None else self._need_data()
+        train_rows = D.load_pairs(source, cfg.train_split)
+        if dev_data is None:  # a directory or sample with a dev split brings its own
+            dev_data = _dev_split_of(source, cfg.dev_split)
+        dev_rows = D.load_pairs(dev_data, cfg.dev_split) if dev_data is not None else None
+        if dev_rows is not None and cfg.eval_samples:
+            dev_rows = dev_rows.select(range(min(cfg.eval_samples, len(dev_rows))))
+        self._routing_keys(train_rows)
+        self.prompt = self._prompt_format() if self.family == "decoder" else None
+        encode = dict(tokenizer=self.tokenizer, family=self.family, prompt=self.prompt,
+                      max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
+                      src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+        train_enc, report = D.encode_pairs(train_rows, **encode)
+        if report.truncated and self.accelerator.is_main_process:
+            print(f"train data: {report}")
+        self.dev_rows = dev_rows
+        self.dev_enc = D.encode_pairs(dev_rows, **encode)[0] if dev_rows is not None else None
+        self.collate = D.Collator(self.tokenizer, self.family)
+        self.sampler = EpochSampler(len(train_enc), cfg.seed)
+        loader = torch.utils.data.DataLoader(train_enc, batch_size=cfg.batch_size, sampler=self.sampler,
+                                             collate_fn=self.collate)
+
+        # what trains: the adapter's parameters, or every backbone parameter on the full path
+        for parameter in model.parameters():
+            self._requires_grad[parameter] = parameter.requires_grad
+            parameter.requires_grad_(False)
+        if cfg.full:
+            self.route = None
+            named = list(model.model.named_parameters())
+        else:
+            if cfg.adapter not in model.adapters:
+                model.add_adapter(cfg.adapter, adapter_config or adapter_class_for(cfg.method).config_class
+                                  .from_dict(cfg.adapter_options))
+            self.route = cfg.adapter
+            named = [(n, p) for n, p in model.get_adapter(cfg.adapter).named_parameters()
+                     if self._requires_grad.get(p, True)]
+        for _, parameter in named:
+            parameter.requires_grad_(True)
+        self.params = [p for _, p in named]
+        self.slice_head = cfg.slice_head and M.can_slice_head(model)
+
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        # Not prepared by accelerate: its scheduler wrapper steps once per process.
+        self.wrapped, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
+        per_epoch = math.ceil(len(self.loader) / cfg.grad_accum)
+        self.total_steps = cfg.max_steps or cfg.epochs * per_epoch
+        total, warmup, schedule = self.total_steps, cfg.warmup_steps, cfg.schedule
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer.optimizer, lambda step: lr_factor(step, total, warmup, schedule))
+
+        self.run_dir = cfg.run_dir
+        self.checkpoints = self.run_dir / "checkpoints"
+        self.log_path = self.run_dir / "eval_log.jsonl"
+        self.output = (self.run_dir / "model") if cfg.full else (self.run_dir / f"{_slug(cfg.adapter)}.safetensors")
+        if cfg.resume and (self.checkpoints / "latest.json").is_file():
+            self.load_checkpoint()
+        elif self.accelerator.is_main_process:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("")
+
+    def _need_data(self) -> str:
+        if self.cfg.data is None:
+            raise ValueError("no training data: pass train=... or set data (a sample name, directory or file)")
+        return self.cfg.data
+
+    def _routing_keys(self, rows: Any) -> None:
+        first = rows[0] if len(rows) else {}
+        for key in ("src_lang", "tgt_lang", "domain"):
+            if getattr(self.cfg, key) is None and first.get(key):
+                setattr(self.cfg, key, first[key])
+
+    def _prompt_format(self) -> Any:
+        from .data import PromptFormat
+
+        prompt = PromptFormat(use_chat_template=self.cfg.chat_template)
+        if self.cfg.prompt is not None:
+            prompt.template = self.cfg.prompt
+        return prompt
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        started, tokens_at_start = time.perf_counter(), state.tokens
+        bar = tqdm(total=self.total_steps, initial=state.step, desc="full" if cfg.full else cfg.adapter,
+                   disable=not (cfg.progress and acc.is_main_process), unit="step")
+        batches = self._batches()
+        while state.step < self.total_steps and not state.stopped_early:
+            window = [next(batches) for _ in range(cfg.grad_accum)]
+            step_started = time.perf_counter()
+            loss, tokens = self._optimizer_step(window)  # float(loss) waits for the device
+            self.step_times.append((time.perf_counter() - step_started, tokens))  # benchmarks read these
+            state.step += 1
+            state.tokens += tokens
+            state.train_loss = loss
+            elapsed = time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{(state.tokens - tokens_at_start) / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+            if cfg.eval_every and state.step % cfg.eval_every == 0:
+                self.evaluate_and_keep_best()
+            every = cfg.checkpoint_interval
+            if every and state.step % every == 0 and state.step < self.total_steps and not state.stopped_early:
+                self.save_checkpoint()
+        bar.close()
+        if state.last_eval_step != state.step:
+            self.evaluate_and_keep_best()
+        if cfg.checkpoint_interval:
+            self.save_checkpoint()
+        self.finish()
+        return self.summary(time.perf_counter() - started, state.tokens - tokens_at_start)
+
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches forever, epoch after epoch, from the saved position on; the position is kept in state."""
+        while True:
+            self.sampler.epoch = self.state.epoch
+            skip = self.state.batch
+            loader = self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader
+            for batch in loader:
+                self.state.batch += 1
+                yield batch
+            self.state.epoch += 1
+            self.state.batch = 0
+
+    def _optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean token loss, tokens seen)."""
+        acc = self.accelerator
+        counts = [M.label_tokens(b["labels"], self.family) for b in window]
+        n_global = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum"))
+        self.wrapped.train()
+        loss_sum = 0.0
+        for i, (batch, count) in enumerate(zip(window, counts)):
+            last = i == len(window) - 1
+            with acc.no_sync(self.wrapped) if not last else contextlib.nullcontext():
+                out = self.wrapped(**M.loss_inputs(batch, self.slice_head), adapter=self.route)
+                # out.loss is this micro-batch's token mean; re-weight it to a share of the global
+                # token mean (DDP averages gradients over processes, hence × num_processes).
+                acc.backward(out.loss * (count * acc.num_processes / max(n_global, 1)))
+            loss_sum += float(out.loss.detach()) * count
+        if self.cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if not self.cfg.full:
+            self.model.get_adapter(self.cfg.adapter).on_step_end(self.state.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        seen = sum(int(b["attention_mask"].sum()) for b in window)
+        totals = acc.reduce(torch.tensor([loss_sum, float(seen)], device=acc.device), "sum")
+        return float(totals[0]) / max(n_global, 1), int(totals[1])
+
+    # -- evaluate -------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Dev loss and, with `generate`, BLEU / chrF / TER of greedy or beam output."""
+        cfg = self.cfg
+        with self.accelerator.autocast():
+            return M.evaluate(self.model, self.dev_rows, self.route, prompt=self.prompt, encoded=self.dev_enc,
+                              generate=cfg.generate, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams,
+                              max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
+                              src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, slice_head=cfg.slice_head)
+
+    def evaluate_and_keep_best(self) -> None:
+        """Evaluate on the main process, share the result, log it, save the best, decide on stopping."""
+        from accelerate.utils import broadcast_object_list
+
+        cfg, state, acc = self.cfg, self.state, self.accelerator
+        state.last_eval_step = state.step
+        if self.dev_enc is None:
+            return
+        box = [self.evaluate() if acc.is_main_process else None]
+        if acc.num_processes > 1:
+            broadcast_object_list(box)
+        results = {k: round(v, 6) for k, v in box[0].items()}
+        state.last_metrics = results
+        name = cfg.best_metric
+        if M.is_better(results[name], state.best_value, name, cfg.min_delta):
+            state.best_value, state.best_step, state.bad_evals = results[name], state.step, 0
+            state.best_metrics = results
+            self.save_output(results)
+        else:
+            state.bad_evals += 1
+            if cfg.patience is not None and state.bad_evals >= cfg.patience:
+                state.stopped_early = True
+        if acc.is_main_process:
+            entry = {"step": state.step, "epoch": state.epoch, "lr": self.scheduler.get_last_lr()[0],
+                     "train_loss": state.train_loss, **results, "best": state.best_step == state.step}
+            with self.log_path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(entry) + "\n")
+            if cfg.progress:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
+
+    # -- save -----------------------------------------------------------------------------------
+    def training_metadata(self) -> dict[str, Any]:
+        return {**self.cfg.to_dict(), "step": self.state.step, "num_processes": self.accelerator.num_processes,
+                "backbone_id": self.model.backbone_id}
+
+    def save_output(self, results: dict[str, float] | None) -> None:
+        """The adapter file (routing keys, metrics, training config in its header) or the full checkpoint."""
+        acc, cfg = self.accelerator, self.cfg
+        if acc.is_main_process:
+            metrics = {**(results or {}), "step": self.state.step}
+            if cfg.full:
+                _save_full(self.model, self.output, metrics, self.training_metadata())
+            else:
+                self.model.save_adapter(cfg.adapter, self.output, metrics=metrics, training=self.training_metadata(),
+                                        src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, domain=cfg.domain)
+        acc.wait_for_everyone()
+
+    def finish(self) -> None:
+        """Without a dev set the last weights are the output; with one, the best are put back in the model."""
+        if self.state.best_step is None:
+            self.save_output(self.state.last_metrics)
+        elif not self.cfg.full and self.state.best_step != self.state.step:
+            from .adapterfile import read_adapter_file
+
+            tensors, _ = read_adapter_file(self.output)
+            self.model.get_adapter(self.cfg.adapter).load_adapter_state_dict(tensors)
+
+    def summary(self, seconds: float, tokens: int) -> dict[str, Any]:
+        cfg, state = self.cfg, self.state
+        counts = self.model.num_parameters(None if cfg.full else cfg.adapter)
+        out = {
+            "adapter": None if cfg.full else cfg.adapter, "method": "full" if cfg.full else
+            self.model.get_adapter(cfg.adapter).method, "steps": state.step,
+            "epochs": round(state.epoch + state.batch / max(len(self.loader), 1), 3),
+            "stopped_early": state.stopped_early, "metric": cfg.best_metric, "best_value": state.best_value,
+            "best_step": state.best_step, "best_metrics": state.best_metrics, "last_metrics": state.last_metrics,
+            "train_loss": state.train_loss,
+            "trainable_parameters": sum(p.numel() for p in self.params),
+            "backbone_parameters": counts["backbone"], "seconds": round(seconds, 2),
+            "tokens_per_second": round(tokens / max(seconds, 1e-9), 1), "output": str(self.output),
+            "log": str(self.log_path),
+            # per optimizer step of this run (evaluation excluded): what bench.py reports
+            "step_seconds": [round(t, 4) for t, _ in self.step_times],
+            "step_tokens": [n for _, n in self.step_times],
+        }
+        if self.accelerator.is_main_process:
+            (self.run_dir / "summary.json").write_text(json.dumps(out, indent=2) + "\n")
+            shown = {k: v for k, v in out.items() if k not in ("step_seconds", "step_tokens")}
+            print(json.dumps(shown, indent=2))
+        return out
+
+    def cleanup(self) -> None:
+        """Give the model back as found: frozen except what was trainable before, no accelerate wrappers."""
+        for parameter, flag in self._requires_grad.items():
+            parameter.requires_grad_(flag)
+        if hasattr(self, "wrapped"):
+            self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
+            self.accelerator.free_memory()
+        if hasattr(self, "accelerator"):
+            from accelerate.state import AcceleratorState
+
+            # accelerate keeps one process-wide state: without this, a second train() in the same
+            # process could not choose another mixed precision. The process group (PartialState) stays.
+            AcceleratorState._reset_state()
+        if hasattr(self, "model"):
+            self.model.eval()
+
+    # -- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.full:
+            return {n: p.detach() for n, p in self.model.model.named_parameters() if p.requires_grad}
+        return dict(self.model.get_adapter(self.cfg.adapter).state_dict())  # buffers too (AdaLoRA's masks)
+
+    def save_checkpoint(self) -> None:
+        """checkpoints/step-N written whole under a temp name, renamed, then `latest.json` replaced."""
+        acc, step = self.accelerator, self.state.step
+        final = self.checkpoints / f"step-{step:08d}"
+        tmp = self.checkpoints / f".step-{step:08d}.tmp"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            trainable = {k: v.contiguous().cpu() for k, v in self._trainable_state().items()}
+            save_file(trainable, tmp / "trainable.safetensors")
+            tensors, rest = _optimizer_to_files(self.optimizer.state_dict())
+            save_file(tensors, tmp / "optimizer.safetensors")
+            _write_json(tmp / "optimizer.json", rest)
+            _write_json(tmp / "scheduler.json", self.scheduler.state_dict())
+            _write_json(tmp / "state.json", dataclasses.asdict(self.state))
+        rng_tensors, rng_rest = _rng_state()
+        save_file(rng_tensors, tmp / f"rng-{acc.process_index}.safetensors")
+        _write_json(tmp / f"rng-{acc.process_index}.json", rng_rest)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            _write_json(self.checkpoints / "latest.json", {"dir": final.name, "step": step}, atomic=True)
+            for old in self.checkpoints.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self) -> None:
+        acc = self.accelerator
+        where = self.checkpoints / json.loads((self.checkpoints / "latest.json").read_text())["dir"]
+        trainable = load_file(where / "trainable.safetensors")
+        if self.cfg.full:
+            params = dict(self.model.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in trainable.items():
+                    params[name].copy_(tensor)
+        else:
+            self.model.get_adapter(self.cfg.adapter).load_state_dict(trainable)
+        rest = json.loads((where / "optimizer.json").read_text())
+        self.optimizer.load_state_dict(_optimizer_from_files(load_file(where / "optimizer.safetensors"), rest))
+        self.scheduler.load_state_dict(json.loads((where / "scheduler.json").read_text()))
+        self.state = RunState(**json.loads((where / "state.json").read_text()))
+        rng = where / f"rng-{acc.process_index}.json"
+        if rng.is_file():  # a run resumed on more processes than it had starts their RNG fresh
+            _set_rng_state(load_file(where / f"rng-{acc.process_index}.safetensors"), json.loads(rng.read_text()))
+        if acc.is_main_process and self.log_path.is_file():  # evals after the checkpoint will run again
+            kept = [line for line in self.log_path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.state.step]
+            self.log_path.write_text("".join(line + "\n" for line in kept))
+        if acc.is_main_process:
+            print(f"resuming from {where} (step {self.state.step})", flush=True)
+
+
+def _dev_split_of(source: Any, split: str) -> Any:
+    """The `split` of a directory or shipped sample that has one; None for files and datasets."""
+    from . import corpora
+
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return source if any(p.name.split(".")[0] == split for p in path.iterdir()) else None
+    if str(source) in corpora.list_samples():
+        return source if (corpora.SAMPLES_DIR / str(source) / f"{split}.jsonl.gz").is_file() else None
+    return None
+
+
+def _save_full(model: Any, path: Path, metrics: dict, training: dict) -> None:
+    """save_pretrained + tokenizer + the run's metrics, written under a temp name and swapped in."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.model.save_pretrained(tmp)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(tmp)
+    _write_json(tmp / "adaptkit_training.json", {"metrics": metrics, "training": training})
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any, atomic: bool = False) -> None:
+    text = json.dumps(data, indent=1, sort_keys=True)
+    if not atomic:
+        path.write_text(text)
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch optimizer state_dict → (tensors for safetensors, JSON for the rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}/{key}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, tensor in tensors.items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = tensor
+    for index, values in rest["scalars"].items():
+        state.setdefault(int(index), {}).update(values)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda/{i}"] = s
+    version, values, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return tensors, {"python": [version, list(values), gauss],
+                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    version, values, gauss = rest["python"]
+    random.setstate((version, tuple(values), gauss))
+    kind, keys, pos, has_gauss, cached = rest["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
