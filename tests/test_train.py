@@ -290,3 +290,28 @@ def test_cli_train_from_yaml_then_eval(tmp_path, backbone_dir, data_dir):
     adapted = scores("--adapter", summary["output"])  # the backbone comes from the adapter file
     assert adapted["loss"] == pytest.approx(info["metrics"]["loss"], abs=1e-4)
     assert scores("--backbone", str(backbone_dir))["loss"] > adapted["loss"] + 0.05
+
+
+def test_interrupted_adalora_run_resumes_to_the_same_adapter(tmp_path, backbone_dir, data_dir, monkeypatch):
+    """AdaLoRA's masks, scores and counters live outside its parameters: checkpoints must carry them.
+
+    The schedule ends at step 5, before the step-6 checkpoint: a resume that forgot it would reallocate anew.
+    """
+    from adaptkit.train import Recipe
+
+    options = dict(method="adalora", init_r=4, target_r=2, total_steps=12, tinit=1, tfinal=7, max_steps=12,
+                   eval_every=None, checkpoint_every=3, lr=0.01, generate=False, progress=False)
+    reference = train(ak.load(backbone_dir), "toy", str(data_dir), output_dir=str(tmp_path / "ref"), **options)
+    original = Recipe._optimizer_step
+
+    def crash_at_step_8(self, window):
+        if self.state.step == 7:
+            raise KeyboardInterrupt
+        return original(self, window)
+
+    monkeypatch.setattr(Recipe, "_optimizer_step", crash_at_step_8)
+    with pytest.raises(KeyboardInterrupt):
+        train(ak.load(backbone_dir), "toy", str(data_dir), output_dir=str(tmp_path / "cut"), **options)
+    monkeypatch.setattr(Recipe, "_optimizer_step", original)
+    resumed = train(ak.load(backbone_dir), "toy", str(data_dir), output_dir=str(tmp_path / "cut"), **options)
+    _assert_same(_adapter_tensors(reference["output"]), _adapter_tensors(resumed["output"]))

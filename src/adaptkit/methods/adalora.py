@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Any
 from dataclasses import dataclass
 
 import torch
@@ -254,6 +255,32 @@ class AdaLoRAAdapter(LowRankAdapter):
             for _, update in self.updates():
                 update.fix_pattern()
             self.finished = True
+
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Masks, importance averages and counters: without them a resumed run reallocates differently."""
+        names = {p: n for n, p in self.named_parameters()}
+        tensors = {f"kept:{path}": u.kept.clone() for path, u in self.site_items()}
+        for kind, averages in (("ipt", self.allocator.avg_ipt), ("unc", self.allocator.avg_unc)):
+            tensors.update({f"{kind}:{names[p]}": v.detach().clone() for p, v in averages.items()})
+        info = {"finished": self.finished, "steps_seen": self.steps_seen, "backward_passes": self.backward_passes}
+        return tensors, info
+
+    @torch.no_grad()
+    def load_training_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        params = dict(self.named_parameters())
+        for path, update in self.site_items():
+            update.kept.copy_(tensors[f"kept:{path}"])
+        for kind, averages in (("ipt", self.allocator.avg_ipt), ("unc", self.allocator.avg_unc)):
+            averages.clear()
+            for key, value in tensors.items():
+                if key.startswith(kind + ":"):
+                    averages[params[key[len(kind) + 1:]]] = value.to(params[key[len(kind) + 1:]].device)
+        self.finished, self.steps_seen = info["finished"], info["steps_seen"]
+        self.backward_passes = info["backward_passes"]
+        for _, update in self.site_items():
+            update.live = None
+            if self.finished:
+                update.fix_pattern()
 
     def check_trained(self) -> None:
         if self.backward_passes and not self.steps_seen and not self.finished:

@@ -138,6 +138,13 @@ class Adapter(nn.Module):
     def check_trained(self) -> None:
         """Raise if training left the adapter in a state it must not be saved in."""
 
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """State beyond the parameters that a resumed run needs (tensors, JSON); checkpoints save it."""
+        return {}, {}
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        """Restore what `training_state()` returned."""
+
     def regularization_loss(self) -> torch.Tensor | None:
         """A term the bank adds to the training loss when this adapter is routed (AdaLoRA's orthogonality)."""
         return None
