@@ -557,7 +557,8 @@ class Recipe:
             _write_json(tmp / "state.json", dataclasses.asdict(self.state))
             if not self.cfg.full:  # e.g. AdaLoRA's masks and importance scores
                 extra_tensors, extra_info = self.model.get_adapter(self.cfg.adapter).training_state()
-                save_file({k: v.contiguous().cpu() for k, v in extra_tensors.items()}, tmp / "adapter_state.safetensors")
+                extra_tensors = {k: v.contiguous().cpu() for k, v in extra_tensors.items()}
+                save_file(extra_tensors, tmp / "adapter_state.safetensors")
                 _write_json(tmp / "adapter_state.json", extra_info)
         rng_tensors, rng_rest = _rng_state()
         save_file(rng_tensors, tmp / f"rng-{acc.process_index}.safetensors")
@@ -584,8 +585,9 @@ class Recipe:
         else:
             self.model.get_adapter(self.cfg.adapter).load_state_dict(trainable)
             if (where / "adapter_state.json").is_file():
-                self.model.get_adapter(self.cfg.adapter).load_training_state(
-                    load_file(where / "adapter_state.safetensors"), json.loads((where / "adapter_state.json").read_text()))
+                extra_info = json.loads((where / "adapter_state.json").read_text())
+                extra_tensors = load_file(where / "adapter_state.safetensors")
+                self.model.get_adapter(self.cfg.adapter).load_training_state(extra_tensors, extra_info)
         rest = json.loads((where / "optimizer.json").read_text())
         self.optimizer.load_state_dict(_optimizer_from_files(load_file(where / "optimizer.safetensors"), rest))
         self.scheduler.load_state_dict(json.loads((where / "scheduler.json").read_text()))

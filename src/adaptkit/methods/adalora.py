@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
