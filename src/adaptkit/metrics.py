@@ -97,30 +97,15 @@ def generate_translations(model: Any, rows: Sequence[dict], adapter: Any, *, pro
                           tgt_lang: str | None = None) -> list[str]:
     """Translate `rows` (dicts with `src`, optionally `src_lang`/`tgt_lang`) with `model.generate`.
 
-    Rows are grouped by language pair (each prompt names its pair), generated in batches, and
-    returned in the input order.
+    Each row's prompt names its own pair; rows of several pairs share a batch.
     """
-    from .data import decode_generated, prompt_inputs
+    from .translate import Translator
 
-    tokenizer = model.tokenizer
-    device = next(model.model.parameters()).device
-    by_pair: dict[tuple[str, str], list[int]] = {}
-    for i, row in enumerate(rows):
-        pair = (row.get("src_lang") or src_lang or "en", row.get("tgt_lang") or tgt_lang or "en")
-        by_pair.setdefault(pair, []).append(i)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out: list[str] = [""] * len(rows)
-    for (sl, tl), indices in by_pair.items():
-        for start in range(0, len(indices), batch_size):
-            chunk = indices[start:start + batch_size]
-            inputs = prompt_inputs(tokenizer, [rows[i]["src"] for i in chunk], sl, tl, model.family, prompt,
-                                   max_source_len)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            generated = model.generate(**inputs, adapter=adapter, num_beams=num_beams, do_sample=False,
-                                       max_new_tokens=max_new_tokens, pad_token_id=pad_id)
-            for i, text in zip(chunk, decode_generated(tokenizer, generated, inputs, model.family)):
-                out[i] = text
-    return out
+    translator = Translator(model, prompt=prompt, batch_size=batch_size, max_source_len=max_source_len)
+    return translator.translate([row["src"] for row in rows],
+                                [row.get("src_lang") or src_lang or "en" for row in rows],
+                                [row.get("tgt_lang") or tgt_lang or "en" for row in rows],
+                                adapter=adapter, num_beams=num_beams, max_new_tokens=max_new_tokens)
 
 
 def evaluate(model: Any, rows: Any, adapter: Any = None, *, prompt: Any = None, encoded: Any = None,

@@ -26,6 +26,7 @@ class Translator:
             raise AdapterError("Translator needs a tokenizer: load the backbone with ak.load(...) or pass one")
         self.model = model
         self.prompt = prompt or PromptFormat()
+        self.source_prompt = prompt  # seq2seq sources are sent bare unless a prompt is given (e.g. T5's)
         self.batch_size = batch_size
         self.max_source_len = max_source_len
 
@@ -63,9 +64,28 @@ class Translator:
             rows = range(start, min(n, start + self.batch_size))
             inputs = self._inputs([texts[i] for i in rows], [srcs[i] for i in rows], [tgts[i] for i in rows])
             generated = self.model.generate(**inputs, adapter=[routes[i] for i in rows], num_beams=num_beams,
-                                            max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
-            out.extend(decode_generated(self.model.tokenizer, generated, inputs, self.model.family))
+                                            max_new_tokens=max_new_tokens, do_sample=False,
+                                            **self._stop_kwargs(), **generate_kwargs)
+            texts = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
+            out.extend(self._first_line(text) for text in texts)
         return out
+
+    def _one_line(self) -> bool:
+        """A decoder prompted for a one-line target is done at the first newline (a bare base model
+        otherwise keeps writing until max_new_tokens: slow, and unfair to its score)."""
+        return self.model.family == "decoder" and "\n" not in self.prompt.target
+
+    def _stop_kwargs(self) -> dict[str, Any]:
+        tokenizer = self.model.tokenizer
+        kwargs: dict[str, Any] = {}
+        if tokenizer.pad_token_id is None:
+            kwargs["pad_token_id"] = tokenizer.eos_token_id
+        if self._one_line() and _can_spell_newline(tokenizer):
+            kwargs.update(stop_strings=["\n"], tokenizer=tokenizer)
+        return kwargs
+
+    def _first_line(self, text: str) -> str:
+        return text.split("\n", 1)[0].strip() if self._one_line() else text
 
     def _inputs(self, texts: list[str], srcs: list[str], tgts: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = self.model.tokenizer
@@ -74,11 +94,20 @@ class Translator:
                    for text, s, t in zip(texts, srcs, tgts)]
             left = True
         else:
-            ids = [tokenizer(text, truncation=True, max_length=self.max_source_len)["input_ids"] for text in texts]
+            if self.source_prompt is not None:
+                texts = [self.source_prompt.prompt_text(text, s, t) for text, s, t in zip(texts, srcs, tgts)]
+            cut = self.max_source_len is not None
+            ids = [tokenizer(text, truncation=cut, max_length=self.max_source_len)["input_ids"] for text in texts]
             left = False
         device = next(self.model.model.parameters()).device
         return {"input_ids": _pad(ids, _pad_id(tokenizer), left).to(device),
                 "attention_mask": _pad([[1] * len(i) for i in ids], 0, left).to(device)}
+
+
+def _can_spell_newline(tokenizer: Any) -> bool:
+    """Stop strings need a vocabulary that has a newline (tiny test vocabularies may not)."""
+    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return "\n" in tokenizer.decode(ids)
 
 
 def _per_row(value: Any, n: int) -> list:
