@@ -66,8 +66,8 @@ class Translator:
             generated = self.model.generate(**inputs, adapter=[routes[i] for i in rows], num_beams=num_beams,
                                             max_new_tokens=max_new_tokens, do_sample=False,
                                             **self._stop_kwargs(), **generate_kwargs)
-            texts = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
-            out.extend(self._first_line(text) for text in texts)
+            decoded = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
+            out.extend(self._first_line(text) for text in decoded)
         return out
 
     def _one_line(self) -> bool:
