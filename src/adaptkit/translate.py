@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .bank import AdaptedModel
 from .data import PromptFormat, _pad, _pad_id, decode_generated, encode_decoder_example
@@ -65,7 +66,7 @@ class Translator:
             inputs = self._inputs([texts[i] for i in rows], [srcs[i] for i in rows], [tgts[i] for i in rows])
             generated = self.model.generate(**inputs, adapter=[routes[i] for i in rows], num_beams=num_beams,
                                             max_new_tokens=max_new_tokens, do_sample=False,
-                                            **self._stop_kwargs(), **generate_kwargs)
+                                            **self._stop_kwargs(inputs["input_ids"].shape[1]), **generate_kwargs)
             decoded = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
             out.extend(self._first_line(text) for text in decoded)
         return out
@@ -75,17 +76,18 @@ class Translator:
         otherwise keeps writing until max_new_tokens: slow, and unfair to its score)."""
         return self.model.family == "decoder" and "\n" not in self.prompt.target
 
-    def _stop_kwargs(self) -> dict[str, Any]:
+    def _stop_kwargs(self, prompt_length: int) -> dict[str, Any]:
         tokenizer = self.model.tokenizer
         kwargs: dict[str, Any] = {}
         if tokenizer.pad_token_id is None:
             kwargs["pad_token_id"] = tokenizer.eos_token_id
-        if self._one_line() and _can_spell_newline(tokenizer):
-            kwargs.update(stop_strings=["\n"], tokenizer=tokenizer)
+        if self._one_line():
+            kwargs["stopping_criteria"] = StoppingCriteriaList([LineDone(tokenizer, prompt_length)])
         return kwargs
 
     def _first_line(self, text: str) -> str:
-        return text.split("\n", 1)[0].strip() if self._one_line() else text
+        return text.strip().split("\n", 1)[0].strip() if self._one_line() else text
+
 
     def _inputs(self, texts: list[str], srcs: list[str], tgts: list[str]) -> dict[str, torch.Tensor]:
         tokenizer = self.model.tokenizer
@@ -104,10 +106,19 @@ class Translator:
                 "attention_mask": _pad([[1] * len(i) for i in ids], 0, left).to(device)}
 
 
-def _can_spell_newline(tokenizer: Any) -> bool:
-    """Stop strings need a vocabulary that has a newline (tiny test vocabularies may not)."""
-    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    return "\n" in tokenizer.decode(ids)
+class LineDone(StoppingCriteria):
+    """A row is done once it has written a non-empty line and then a newline.
+
+    (`stop_strings=["\n"]` would stop a model that starts its answer on a new line before it said anything.)
+    """
+
+    def __init__(self, tokenizer: Any, prompt_length: int):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
+        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
 
 
 def _per_row(value: Any, n: int) -> list:

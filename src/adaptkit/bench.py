@@ -1,0 +1,536 @@
+"""The efficiency benchmark: every adapter family beside full fine-tuning, in one run, on one budget.
+
+    plan → for each job: a fresh forked worker (load, train, evaluate, time) → report (JSON, markdown, PNG)
+
+Each job trains one method with the project's trainer (`ak.train`) on identical data, data order,
+steps, batch and schedule shape, then scores it on the same dev and test rows with the same greedy
+decoding. Peers are the same methods trained with peft directly (`get_peft_model` + a plain torch
+loop over the project's collation and sampler), so the two libraries are compared in one run.
+
+Why a forked worker per job: peak RSS is only honest per process (ru_maxrss never goes down), and
+a fork inherits the imported libraries, so a job starts in a second instead of the ~10 s that a
+fresh interpreter spends importing torch and transformers. On a GPU the worker reports CUDA's max
+allocated bytes as well. `isolate=False` runs jobs in-process (tests; platforms without fork) and
+samples RSS in a thread instead.
+
+Latency is measured inside each worker against the bare backbone in the same process, interleaved
+sentence by sentence, so the ratio survives a noisy shared machine; every sentence generates
+exactly `latency_tokens` new tokens, so adapters that stop early are not faster by accident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# name → (family, family options, learning-rate key). Ranks, targets and widths follow the anchors
+# in the literature: LoRA on all linear projections, Houlsby / Pfeiffer at reduction 16, 16 prefix tokens.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "full": ("full", {}),
+    "lora-r8": ("lora", {"r": 8, "alpha": 16.0, "targets": "all-linear"}),
+    "lora-r32": ("lora", {"r": 32, "alpha": 64.0, "targets": "all-linear"}),
+    "adalora": ("adalora", {"init_r": 12, "target_r": 8, "alpha": 32.0, "targets": "all-linear"}),
+    "prefix": ("prefix", {"length": 16}),
+    "bottleneck-pfeiffer": ("bottleneck", {"placement": "pfeiffer", "reduction": 16}),
+    "bottleneck-houlsby": ("bottleneck", {"placement": "houlsby", "reduction": 16}),
+}
+PEER_METHODS = ("lora-r8", "lora-r32", "adalora", "prefix")
+# One schedule shape for all; the peak learning rate is the family's usual one (full fine-tuning
+# diverges at adapter rates, prefixes barely move at them) — the same choice Hu et al. and peft's
+# method comparison make.
+DEFAULT_LRS = {"full": 5e-5, "lora": 5e-4, "adalora": 1e-3, "prefix": 5e-3, "bottleneck": 5e-4}
+MERGEABLE = ("lora", "adalora")
+LIBRARIES = ("bare", "adaptkit", "peft")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """Every option of `adaptkit bench efficiency` (flags and the `[bench]` table of a config file)."""
+
+    name: str = "efficiency"  # results/<name>.json, .md, -quality.png, -cost.png
+    backbone: str = "gemma3-270m"
+    domains: list[str] = dataclasses.field(default_factory=lambda: ["libreoffice-help-en-de", "bible-en-es"])
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))  # on the first domain
+    other_methods: list[str] | None = None  # on the other domains (None: the same as methods)
+    peers: list[str] = dataclasses.field(default_factory=lambda: ["lora-r8", "adalora", "prefix"])  # peft, 1st domain
+    mixed: str | None = "lora-r8"  # one adapter of this method trained on all domains' data together
+    cross: str | None = "lora-r8"  # this method's per-domain adapters are scored on every domain's test set
+    budget_steps: int = 30
+    batch_size: int = 8
+    warmup_steps: int | None = None  # default: 10% of budget_steps
+    schedule: str = "linear"
+    lrs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LRS))
+    max_source_len: int = 128
+    max_target_len: int = 128
+    eval_samples: int = 16  # dev sentences
+    test_samples: int = 32  # test sentences per domain
+    eval_batch_size: int = 16
+    max_new_tokens: int = 48
+    latency_sentences: int = 3
+    latency_tokens: int = 16
+    latency_repeats: int = 2
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads per job (default: torch's; 1 helps on a busy shared machine)
+    isolate: bool = True  # a forked worker per job (honest peak RSS); False: in-process
+    output_dir: str = "benchmarks/results"
+    work_dir: str | None = None  # adapter files and logs (default: a temporary directory)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted({*self.methods, *(self.other_methods or []), *self.peers,
+                          *([self.mixed] if self.mixed else []), *([self.cross] if self.cross else [])} - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        if bad := sorted(set(self.peers) - set(PEER_METHODS)):
+            raise ValueError(f"peft peers cover {list(PEER_METHODS)}; got {bad}")
+        if not self.domains:
+            raise ValueError("need at least one domain")
+        if self.budget_steps < 1:
+            raise ValueError("budget_steps must be at least 1")
+
+    def lr(self, family: str) -> float:
+        return {**DEFAULT_LRS, **self.lrs}[family]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := sorted(set(data) - known):
+            raise ValueError(f"unknown bench option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def quick_config(**overrides: Any) -> BenchConfig:
+    """The `--quick` run: SmolLM2-135M, 3 steps, 6 sentences — every code path in minutes on 2 cores."""
+    values: dict[str, Any] = dict(name="quick", backbone="smollm2-135m", budget_steps=3, batch_size=4,
+                                  eval_samples=6, test_samples=6, max_new_tokens=16, latency_sentences=2,
+                                  latency_tokens=4, latency_repeats=1, other_methods=["lora-r8"],
+                                  threads=1)  # CI machines are shared: 2 threads on 1 free core crawl
+    values.update(overrides)
+    return BenchConfig(**values)
+
+
+@dataclasses.dataclass
+class Job:
+    """One method trained on one domain (or on all, `mixed`), or the bare backbone scored."""
+
+    domain: str  # the domain it is trained on, or "mixed"
+    method: str  # a METHODS key, or "bare"
+    library: str  # bare | adaptkit | peft
+    train_domains: list[str]
+    test_domains: list[str]
+
+    @property
+    def key(self) -> str:
+        return f"{self.domain}/{self.method}" + ("" if self.library != "peft" else "@peft")
+
+    @property
+    def family(self) -> str:
+        return "bare" if self.method == "bare" else METHODS[self.method][0]
+
+
+def plan(cfg: BenchConfig) -> list[Job]:
+    """Bare floor, full fine-tuning and every adapter per domain; peers; the mixed adapter."""
+    jobs = []
+    for i, domain in enumerate(cfg.domains):
+        everywhere = list(cfg.domains)
+        methods = cfg.methods if i == 0 or cfg.other_methods is None else cfg.other_methods
+        if cfg.cross and cfg.cross not in methods and len(cfg.domains) > 1:
+            methods = [*methods, cfg.cross]
+        jobs.append(Job(domain, "bare", "bare", [], everywhere))
+        for method in methods:
+            tests = everywhere if method == cfg.cross else [domain]
+            jobs.append(Job(domain, method, "adaptkit", [domain], tests))
+        if i == 0:
+            jobs += [Job(domain, method, "peft", [domain], [domain]) for method in cfg.peers]
+    if cfg.mixed and len(cfg.domains) > 1:
+        jobs.append(Job("mixed", cfg.mixed, "adaptkit", list(cfg.domains), list(cfg.domains)))
+    return jobs
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def load_domain_data(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
+    """Each domain's train split and the first eval/test sentences of dev and test (shipped samples)."""
+    from .data import load_pairs
+
+    out = {}
+    for domain in cfg.domains:
+        dev, test = load_pairs(domain, "dev"), load_pairs(domain, "test")
+        out[domain] = {"train": load_pairs(domain, "train"),
+                       "dev": dev.select(range(min(cfg.eval_samples, len(dev)))),
+                       "test": test.select(range(min(cfg.test_samples, len(test))))}
+    return out
+
+
+def _rows_for(job: Job, data: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
+    """Train rows and dev rows of a job; the mixed adapter gets every domain's, dev split evenly."""
+    from datasets import concatenate_datasets
+
+    if len(job.train_domains) == 1:
+        d = data[job.train_domains[0]]
+        return d["train"], d["dev"]
+    train = concatenate_datasets([data[d]["train"] for d in job.train_domains])
+    share = max(1, min(len(data[d]["dev"]) for d in job.train_domains) // len(job.train_domains))
+    dev = concatenate_datasets([data[d]["dev"].select(range(share)) for d in job.train_domains])
+    return train, dev
+
+
+# -- measuring ----------------------------------------------------------------------------------
+
+def current_rss() -> int:
+    """Resident bytes of this process now (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return peak_rss()
+
+
+def peak_rss() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+class RssSampler:
+    """Peak RSS in a window of an in-process run, sampled every few ms (ru_maxrss cannot be reset)."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, current_rss(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.every)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(generators: dict[str, Callable[[dict], Any]], inputs: list[dict], repeats: int,
+            device: torch.device) -> dict[str, float]:
+    """Median ms per sentence of each generator, run interleaved sentence by sentence (after a warm-up)."""
+    for generate in generators.values():
+        generate(inputs[0])
+    times: dict[str, list[float]] = {k: [] for k in generators}
+    for _ in range(repeats):
+        for one in inputs:
+            for key, generate in generators.items():
+                _sync(device)
+                start = time.perf_counter()
+                generate(one)
+                _sync(device)
+                times[key].append(1000 * (time.perf_counter() - start))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _dir_bytes(path: Path, suffix: str = ".safetensors") -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob(f"*{suffix}")) if Path(path).is_dir() else \
+        Path(path).stat().st_size
+
+
+def _backbone_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for tensor in model.state_dict().values():
+        if tensor.data_ptr() not in seen:  # tied embeddings are stored once
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
+    return total
+
+
+# -- one job ------------------------------------------------------------------------------------
+
+def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dict, work: Path) -> dict[str, Any]:
+    """Load the backbone, train (or not), score and time one job; returns its record."""
+    from .data import PromptFormat, prompt_inputs
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model = load_model().to(device)
+    model.eval()
+    record: dict[str, Any] = {"domain": job.domain, "method": job.method, "family": job.family,
+                              "library": job.library, "train_domains": job.train_domains, "device": str(device),
+                              "torch_threads": torch.get_num_threads(),
+                              "backbone_parameters": sum(p.numel() for p in model.model.parameters()),
+                              "backbone_bytes": _backbone_bytes(model.model), "rss_after_load_bytes": current_rss()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        record["gpu"] = torch.cuda.get_device_name(device)
+    prompt = PromptFormat() if model.family == "decoder" else None
+    first = data[job.test_domains[0]]["test"]
+    lat_rows = [first[i] for i in range(min(cfg.latency_sentences, len(first)))]
+    lat_inputs = [{k: v.to(device) for k, v in prompt_inputs(
+        model.tokenizer, [r["src"]], r.get("src_lang") or "en", r.get("tgt_lang") or "en", model.family, prompt,
+        cfg.max_source_len).items()} for r in lat_rows]
+    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
+    fixed = dict(max_new_tokens=cfg.latency_tokens, min_new_tokens=cfg.latency_tokens, do_sample=False,
+                 num_beams=1, pad_token_id=pad)
+
+    if job.library == "bare":
+        scorer, route = model, None
+        record.update(trainable_parameters=0, steps=0)
+        with RssSampler() as sampler:
+            record["dev"] = _score(model, None, data[job.domain]["dev"], cfg, prompt)
+        record["peak_rss_bytes"] = peak_rss() if cfg.isolate else sampler.peak
+        gens = {"bare": lambda x: model.generate(**x, adapter=None, **fixed)}
+        record["latency"] = _latency_record(latency(gens, lat_inputs, cfg.latency_repeats, device), None, cfg)
+    elif job.library == "adaptkit":
+        bare_ms = None
+        if job.method == "full":  # the bare model is gone after training: time it first
+            bare_ms = latency({"bare": lambda x: model.generate(**x, adapter=None, **fixed)}, lat_inputs,
+                              cfg.latency_repeats, device)["bare"]
+        train_rows, dev_rows = _rows_for(job, data)
+        with RssSampler() as sampler:
+            summary = _train_adaptkit(model, job, cfg, train_rows, dev_rows, work)
+        record["peak_rss_bytes"] = peak_rss() if cfg.isolate else sampler.peak
+        scorer, route = model, (None if job.method == "full" else job.method)
+        record.update(_from_summary(summary))
+        record["latency"] = _adaptkit_latency(model, job, lat_inputs, fixed, cfg, device, bare_ms)
+    else:
+        from .bench_peft import train_peft
+
+        train_rows, dev_rows = _rows_for(job, data)
+        with RssSampler() as sampler:
+            scorer, peer_record, peer_latency = train_peft(model, job.method, cfg, train_rows, dev_rows,
+                                                           work / _slug(job.key), device)
+        record["peak_rss_bytes"] = peak_rss() if cfg.isolate else sampler.peak
+        route = None
+        record.update(peer_record)
+        ms = peer_latency(lambda gens: latency(gens, lat_inputs, cfg.latency_repeats, device), fixed)
+        record["latency"] = _latency_record(ms, ms.get("merged"), cfg)
+    record["rss_method"] = "ru_maxrss of a forked worker" if cfg.isolate else "sampled in-process"
+    record["train_rss_delta_bytes"] = record["peak_rss_bytes"] - record["rss_after_load_bytes"]
+    record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    record["test"] = {d: _score(scorer, route, data[d]["test"], cfg, prompt) for d in job.test_domains}
+    return record
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+
+
+def _score(model: Any, route: Any, rows: Any, cfg: BenchConfig, prompt: Any) -> dict[str, float]:
+    from .metrics import evaluate
+
+    return evaluate(model, rows, route, prompt=prompt, batch_size=cfg.eval_batch_size,
+                    max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
+                    max_target_len=cfg.max_target_len)
+
+
+def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev_rows: Any, work: Path) -> dict:
+    from .train import train
+
+    family, options = METHODS[job.method]
+    options = dict(options)
+    if family == "adalora":
+        options["total_steps"] = cfg.budget_steps
+    return train(model, None if family == "full" else job.method, train_rows, dev_rows,
+                 full=family == "full", method="lora" if family == "full" else family, adapter_options=options,
+                 max_steps=cfg.budget_steps, batch_size=cfg.batch_size, lr=cfg.lr(family),
+                 warmup_steps=_warmup(cfg), schedule=cfg.schedule, seed=cfg.seed, eval_every=None,
+                 checkpoint_every=0, generate=True, eval_batch_size=cfg.eval_batch_size,
+                 max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
+                 max_target_len=cfg.max_target_len, output_dir=str(work / _slug(job.key)), resume=False,
+                 progress=cfg.progress)
+
+
+def _warmup(cfg: BenchConfig) -> int:
+    return cfg.budget_steps // 10 if cfg.warmup_steps is None else cfg.warmup_steps
+
+
+def step_figures(step_seconds: list[float], step_tokens: list[int]) -> dict[str, Any]:
+    """Median step time and tokens/s over the training steps alone (evaluation excluded)."""
+    seconds = sum(step_seconds)
+    return {"steps": len(step_seconds), "step_seconds_median": statistics.median(step_seconds),
+            "step_seconds": [round(s, 4) for s in step_seconds], "train_seconds": round(seconds, 3),
+            "tokens_per_second": sum(step_tokens) / max(seconds, 1e-9)}
+
+
+def _from_summary(summary: dict) -> dict[str, Any]:
+    output = Path(summary["output"])
+    return {"trainable_parameters": summary["trainable_parameters"], "train_loss": summary["train_loss"],
+            "file_bytes": _dir_bytes(output), "file": output.name, "dev": summary["last_metrics"],
+            **step_figures(summary["step_seconds"], summary["step_tokens"])}
+
+
+def _adaptkit_latency(model: Any, job: Job, inputs: list[dict], fixed: dict, cfg: BenchConfig,
+                      device: torch.device, bare_ms: float | None) -> dict[str, Any]:
+    if job.method == "full":
+        ms = latency({"unmerged": lambda x: model.generate(**x, adapter=None, **fixed)}, inputs,
+                     cfg.latency_repeats, device)
+        return _latency_record({"bare": bare_ms, **ms}, None, cfg)
+    name = job.method
+    gens = {"bare": lambda x: model.generate(**x, adapter=None, **fixed),
+            "unmerged": lambda x: model.generate(**x, adapter=name, **fixed)}
+    ms = latency(gens, inputs, cfg.latency_repeats, device)
+    merged = None
+    if job.family in MERGEABLE:
+        model.merge_adapter(name)
+        try:  # bare rows cannot run while merged, so the merged window has its own bare-free timing
+            merged = latency({"merged": lambda x: model.generate(**x, adapter=name, **fixed)}, inputs,
+                             cfg.latency_repeats, device)["merged"]
+        finally:
+            model.unmerge_adapter()
+    return _latency_record(ms, merged, cfg)
+
+
+def _latency_record(ms: dict[str, float], merged: float | None, cfg: BenchConfig) -> dict[str, Any]:
+    bare = ms.get("bare")
+    out = {"bare_ms": bare, "unmerged_ms": ms.get("unmerged"), "merged_ms": merged,
+           "new_tokens": cfg.latency_tokens, "sentences": cfg.latency_sentences, "repeats": cfg.latency_repeats}
+    out["unmerged_ratio"] = out["unmerged_ms"] / bare if bare and out["unmerged_ms"] else None
+    out["merged_ratio"] = merged / bare if bare and merged else None
+    return out
+
+
+# -- running the plan ---------------------------------------------------------------------------
+
+def _child(path: str, job: Job, cfg: BenchConfig, load_model: Callable, data: dict, work: Path) -> None:
+    log = work / f"{_slug(job.key)}.log"
+    try:  # the trainer's prints go to the job's log; progress bars (stderr) stay on the console
+        with log.open("w") as out, contextlib.redirect_stdout(out):
+            result = run_job(job, cfg, load_model, data, work)
+    except Exception:  # noqa: BLE001 - a failed method is a finding, recorded beside the others
+        result = {"error": traceback.format_exc(limit=6)}
+    Path(path).write_text(json.dumps(result, default=str))
+
+
+def _run_forked(job: Job, cfg: BenchConfig, load_model: Callable, data: dict, work: Path) -> dict[str, Any]:
+    fd, path = tempfile.mkstemp(suffix=".json", dir=work)
+    os.close(fd)
+    worker = multiprocessing.get_context("fork").Process(target=_child, args=(path, job, cfg, load_model, data, work))
+    worker.start()
+    worker.join()
+    text = Path(path).read_text()
+    Path(path).unlink()
+    if not text:
+        return {"error": f"worker exited with code {worker.exitcode} (killed for memory?) and wrote nothing"}
+    return json.loads(text)
+
+
+def run_benchmark(cfg: BenchConfig, load_model: Callable[[], Any] | None = None,
+                  data: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Run every job of `cfg`'s plan; write results/<name>.json, .md and the plots; return the report.
+
+    `load_model` builds a fresh `AdaptedModel` per job (default: `ak.load(cfg.backbone)`); `data`
+    maps each domain to its train / dev / test rows (default: the shipped samples).
+    """
+    from .bench_report import assemble, write_outputs
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize too
+    if load_model is None:
+        from .bank import load
+
+        def load_model() -> Any:
+            return load(cfg.backbone)
+    if data is None:
+        data = load_domain_data(cfg)
+    started = time.perf_counter()
+    jobs = plan(cfg)
+    temp = None
+    if cfg.work_dir is None:
+        temp = tempfile.TemporaryDirectory(prefix="adaptkit-bench-")
+    work = Path(cfg.work_dir or temp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    fork = cfg.isolate and "fork" in multiprocessing.get_all_start_methods()
+    if cfg.isolate and not fork:
+        cfg = dataclasses.replace(cfg, isolate=False)
+    records = []
+    try:
+        for index, job in enumerate(jobs, 1):
+            if cfg.progress:
+                print(f"[{index}/{len(jobs)}] {job.key} ({job.library}) …", file=sys.stderr, flush=True)
+            began = time.perf_counter()
+            record = (_run_forked if fork else _run_inline)(job, cfg, load_model, data, work)
+            record = {"domain": job.domain, "method": job.method, "family": job.family, "library": job.library,
+                      "train_domains": job.train_domains, **record,
+                      "job_seconds": round(time.perf_counter() - began, 2)}
+            records.append(record)
+            if cfg.progress:
+                print(_one_line(record), file=sys.stderr, flush=True)
+    finally:
+        if temp is not None:
+            temp.cleanup()
+    report = assemble(cfg, records, time.perf_counter() - started)
+    write_outputs(report, Path(cfg.output_dir))
+    return report
+
+
+def _run_inline(job: Job, cfg: BenchConfig, load_model: Callable, data: dict, work: Path) -> dict[str, Any]:
+    try:
+        return run_job(job, cfg, load_model, data, work)
+    except Exception:  # noqa: BLE001
+        return {"error": traceback.format_exc(limit=6)}
+
+
+def _one_line(r: dict) -> str:
+    if r.get("error"):
+        return f"    failed: {r['error'].strip().splitlines()[-1]}"
+    tests = r.get("test", {})
+    test = tests.get(r["domain"]) or next(iter(tests.values()), {})
+    step = f"step {r['step_seconds_median']:.2f}s " if r.get("steps") else ""
+    return (f"    {step}test BLEU {test.get('bleu', float('nan')):.1f} chrF {test.get('chrf', float('nan')):.1f} "
+            f"peak RSS {r.get('peak_rss_bytes', 0) / 2**30:.2f} GiB ({r['job_seconds']:.0f}s)")
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    """Machine, library versions and git commit: what a reader needs to trust or redo the figures."""
+    import psutil
+
+    versions = {}
+    for package in ("adaptkit", "torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    root = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain")
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version()},
+        "versions": versions,
+        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
