@@ -61,7 +61,8 @@ def report(tmp_path_factory):
     cfg = BenchConfig(name="tiny", backbone="tiny-llama", domains=["toy-a", "toy-b"], other_methods=["lora-r8"],
                       peers=["lora-r8", "adalora", "prefix"], budget_steps=2, batch_size=4, eval_samples=3,
                       test_samples=3, max_new_tokens=3, eval_batch_size=8, latency_sentences=1, latency_tokens=2,
-                      latency_repeats=1, output_dir=str(out), work_dir=str(out / "work"), progress=False)
+                      latency_repeats=1, output_dir=str(out), work_dir=str(out / "work"), progress=False,
+                      threads=1)  # a forked worker of a process that ran OpenMP work hangs unless single-threaded
     return run_benchmark(cfg, load_model=tiny_backbone, data=data), out
 
 
