@@ -185,7 +185,7 @@ class TruncationReport:
                 f"{self.target_truncated}/{self.total} targets truncated")
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     pad = tokenizer.pad_token_id
     if pad is None:
         pad = tokenizer.eos_token_id
@@ -270,7 +270,7 @@ def encode_pairs(dataset: Any, tokenizer: Any, family: Family,
 # --- batching ---------------------------------------------------------------------------
 
 
-def _pad(seqs: Sequence[Sequence[int]], value: int, left: bool,
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool,
          multiple: int | None = None) -> torch.Tensor:
     width = max((len(s) for s in seqs), default=0)
     if multiple:
@@ -300,40 +300,45 @@ class Collator:
     _pad_id: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self._pad_id = _pad_id(self.tokenizer)
+        self._pad_id = pad_id(self.tokenizer)
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, torch.Tensor]:
         left = self.padding_side == "left"
         ids = [e["input_ids"] for e in examples]
         batch = {
-            "input_ids": _pad(ids, self._pad_id, left, self.pad_to_multiple_of),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0, left,
+            "input_ids": pad_sequences(ids, self._pad_id, left, self.pad_to_multiple_of),
+            "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, left,
                                    self.pad_to_multiple_of),
         }
         if all("labels" in e for e in examples):
             labels = [e["labels"] for e in examples]
             multiple = self.pad_to_multiple_of
-            batch["labels"] = _pad(labels, IGNORE_INDEX, left, multiple)
+            batch["labels"] = pad_sequences(labels, IGNORE_INDEX, left, multiple)
         return batch
 
 
-def prompt_inputs(tokenizer: Any, srcs: Sequence[str], src_lang: str, tgt_lang: str,
-                  family: Family = "decoder", prompt: PromptFormat | None = None,
+def prompt_inputs(tokenizer: Any, srcs: Sequence[str], src_lang: str | Sequence[str],
+                  tgt_lang: str | Sequence[str], family: Family = "decoder",
+                  prompt: PromptFormat | None = None,
                   max_source_len: int | None = None) -> dict[str, torch.Tensor]:
     """Generation inputs: for decoders the prompts alone, left-padded; for seq2seq the
-    sources, right-padded (encoders ignore the side)."""
+    sources (prompted only when `prompt` is given), right-padded. Languages may be given
+    per row, so one batch can mix language pairs."""
+    src_langs = [src_lang] * len(srcs) if isinstance(src_lang, str) else list(src_lang)
+    tgt_langs = [tgt_lang] * len(srcs) if isinstance(tgt_lang, str) else list(tgt_lang)
+    rows = list(zip(srcs, src_langs, tgt_langs, strict=True))
     if family == "decoder":
         prompt = prompt or PromptFormat()
-        ids = [encode_decoder_example(tokenizer, s, None, src_lang, tgt_lang, prompt,
-                                      max_source_len)[0]["input_ids"] for s in srcs]
+        ids = [encode_decoder_example(tokenizer, s, None, sl, tl, prompt,
+                                      max_source_len)[0]["input_ids"] for s, sl, tl in rows]
         left = True
     else:
-        texts = [prompt.prompt_text(s, src_lang, tgt_lang) if prompt else s for s in srcs]
+        texts = [prompt.prompt_text(s, sl, tl) if prompt else s for s, sl, tl in rows]
         ids = [tokenizer(t, truncation=max_source_len is not None,
                          max_length=max_source_len)["input_ids"] for t in texts]
         left = False
-    return {"input_ids": _pad(ids, _pad_id(tokenizer), left),
-            "attention_mask": _pad([[1] * len(s) for s in ids], 0, left)}
+    return {"input_ids": pad_sequences(ids, pad_id(tokenizer), left),
+            "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, left)}
 
 
 def strip_prompt(generated: torch.Tensor, inputs: dict[str, torch.Tensor],

@@ -63,10 +63,10 @@ class Routing:
             return cls(rows=stacks, uniform=stacks[0])
         return cls(rows=stacks, uniform=None)
 
-    @property
-    def names(self) -> set[str]:
+    def __post_init__(self) -> None:
+        # Read by every hooked module on every forward: computed once per call, not per hook.
         stacks = [self.uniform] if self.uniform is not None else self.rows or ()
-        return {name for stack in stacks for name in stack}
+        self.names: frozenset[str] = frozenset(name for stack in stacks for name in stack)
 
     @property
     def is_bare(self) -> bool:

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .bank import AdaptedModel
-from .data import PromptFormat, _pad, _pad_id, decode_generated, encode_decoder_example
+from .data import PromptFormat, decode_generated, prompt_inputs
 from .methods.base import AdapterError
 
 
@@ -22,12 +22,11 @@ class Translator:
     """Pick adapters by the routing keys saved in their files (`src_lang`, `tgt_lang`, `domain`)."""
 
     def __init__(self, model: AdaptedModel, prompt: PromptFormat | None = None, batch_size: int = 16,
-                 max_source_len: int = 256):
+                 max_source_len: int | None = 256):
         if model.tokenizer is None:
             raise AdapterError("Translator needs a tokenizer: load the backbone with ak.load(...) or pass one")
         self.model = model
-        self.prompt = prompt or PromptFormat()
-        self.source_prompt = prompt  # seq2seq sources are sent bare unless a prompt is given (e.g. T5's)
+        self.prompt = prompt  # None: data.PromptFormat() for decoders, bare sources for seq2seq
         self.batch_size = batch_size
         self.max_source_len = max_source_len
 
@@ -74,7 +73,7 @@ class Translator:
     def _one_line(self) -> bool:
         """A decoder prompted for a one-line target is done at the first newline (a bare base model
         otherwise keeps writing until max_new_tokens: slow, and unfair to its score)."""
-        return self.model.family == "decoder" and "\n" not in self.prompt.target
+        return self.model.family == "decoder" and "\n" not in (self.prompt or PromptFormat()).target
 
     def _stop_kwargs(self, prompt_length: int) -> dict[str, Any]:
         tokenizer = self.model.tokenizer
@@ -90,21 +89,10 @@ class Translator:
 
 
     def _inputs(self, texts: list[str], srcs: list[str], tgts: list[str]) -> dict[str, torch.Tensor]:
-        tokenizer = self.model.tokenizer
-        if self.model.family == "decoder":
-            ids = [encode_decoder_example(tokenizer, text, None, s, t, self.prompt, self.max_source_len)[0]["input_ids"]
-                   for text, s, t in zip(texts, srcs, tgts)]
-            left = True
-        else:
-            if self.source_prompt is not None:
-                texts = [self.source_prompt.prompt_text(text, s, t) for text, s, t in zip(texts, srcs, tgts)]
-            cut = self.max_source_len is not None
-            ids = [tokenizer(text, truncation=cut, max_length=self.max_source_len)["input_ids"] for text in texts]
-            left = False
+        inputs = prompt_inputs(self.model.tokenizer, texts, srcs, tgts, self.model.family, self.prompt,
+                               self.max_source_len)
         device = next(self.model.model.parameters()).device
-        return {"input_ids": _pad(ids, _pad_id(tokenizer), left).to(device),
-                "attention_mask": _pad([[1] * len(i) for i in ids], 0, left).to(device)}
-
+        return {k: v.to(device) for k, v in inputs.items()}
 
 class LineDone(StoppingCriteria):
     """A row is done once it has written a non-empty line and then a newline.
