@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ DOMAINS = [
 
 def run_demo(backbone: str = "gemma3-270m", steps: int = 40, eval_sentences: int = 40, batch_size: int = 8,
              out: str | Path = "runs/demo", console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    # Not a terminal (a log file, CI): rich would wrap the table at 80 columns.
+    console = console or (Console() if sys.stdout.isatty() else Console(width=150))
     out = Path(out)
     started = time.perf_counter()
     if backbone in zoo.ZOO:
