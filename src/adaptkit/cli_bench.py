@@ -1,4 +1,4 @@
-"""`adaptkit bench efficiency` — mounted by cli.py, or run as `python -m adaptkit.cli_bench efficiency`.
+"""`adaptkit bench efficiency` — mounted by cli.py, or run as `python -m adaptkit.cli_bench bench efficiency`.
 
 Every `BenchConfig` field is a flag (`budget_steps` → `--budget-steps`; lists are comma-separated,
 `--lrs` is `family=lr,...`); a `--config` TOML/YAML file (optionally under `[bench]`) gives the base
@@ -113,12 +113,10 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adaptkit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_bench_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    """`python -m adaptkit.cli_bench bench efficiency ...` = `adaptkit bench efficiency ...`."""
+    from .cli import main as adaptkit_main
 
+    return adaptkit_main(argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -75,11 +75,10 @@ def add_corpus_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adaptkit corpus")
-    _add_actions(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m adaptkit.cli_corpus build ...` = `adaptkit corpus build ...`."""
+    from .cli import main as adaptkit_main
 
+    return adaptkit_main(["corpus", *(sys.argv[1:] if argv is None else argv)])
 
 if __name__ == "__main__":
     sys.exit(main())

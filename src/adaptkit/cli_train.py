@@ -153,12 +153,10 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adaptkit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_train_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    """`python -m adaptkit.cli_train train ...` = `adaptkit train ...` (for `accelerate launch -m`)."""
+    from .cli import main as adaptkit_main
 
+    return adaptkit_main(argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -50,11 +50,10 @@ def _add_actions(zoo: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adaptkit zoo")
-    _add_actions(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """`python -m adaptkit.cli_zoo list` = `adaptkit zoo list`."""
+    from .cli import main as adaptkit_main
 
+    return adaptkit_main(["zoo", *(sys.argv[1:] if argv is None else argv)])
 
 if __name__ == "__main__":
     sys.exit(main())
