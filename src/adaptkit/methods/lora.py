@@ -59,7 +59,8 @@ class LoRAUpdate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))
-        return (x @ self.lora_A.T @ self.lora_B.T) * self.scale
+        # F.linear takes the (out × in) weights as stored; `x @ A.T @ B.T` ran ~2× slower on CPU.
+        return nn.functional.linear(nn.functional.linear(x, self.lora_A), self.lora_B) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """The (out × in) matrix that merging adds to W."""
