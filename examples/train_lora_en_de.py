@@ -28,6 +28,8 @@ summary = ak.train(
     src_lang="en", tgt_lang="de", domain="software", output_dir="runs/example-en-de",
 )
 info = ak.read_adapter_info(summary["output"])
-print("adapter file:", summary["output"], f"{info['file_bytes'] / 1e6:.1f} MB,", f"{info['num_parameters']:,} parameters")
+print("adapter file:", summary["output"], f"{info['file_bytes'] / 1e6:.1f} MB,",
+      f"{info['num_parameters']:,} parameters")
 print("best dev metrics (recorded in the file):", json.dumps(info["metrics"]))
-print(f"chrF {bare['chrf']:.1f} -> {info['metrics']['chrf']:.1f}, BLEU {bare['bleu']:.1f} -> {info['metrics']['bleu']:.1f}")
+best = info["metrics"]
+print(f"chrF {bare['chrf']:.1f} -> {best['chrf']:.1f}, BLEU {bare['bleu']:.1f} -> {best['bleu']:.1f}")

@@ -141,6 +141,31 @@ def test_store_names_and_lru_residency(tmp_path):
         assert len(model.adapters) <= 2 and model.adapters[-1] == name
 
 
+def test_lru_never_evicts_an_adapter_in_use(tmp_path):
+    """Adapters of a call in flight, and every adapter of one mixed call, stay resident past max_resident."""
+    model = ak.AdaptedModel(tiny_model("llama"), store=tmp_path / "store", max_resident=1)
+    batch = tiny_batch("llama")
+    expected = {}
+    for i, name in enumerate(["a", "b"]):
+        randomized(model, name, ak.LoRA(r=2), seed=i)
+        expected[name] = model(**batch, adapter=name).logits
+        model.save_adapter(name)
+    assert model.adapters == ["b"]
+    with model.using("a"):  # e.g. another thread's generate() in progress
+        torch.testing.assert_close(model(**batch, adapter="b").logits, expected["b"], atol=1e-6, rtol=0)
+        assert sorted(model.adapters) == ["a", "b"]
+        torch.testing.assert_close(model(**batch).logits, expected["a"], atol=1e-6, rtol=0)
+    rows = ["a", "b"] * batch["input_ids"].shape[0]
+    rows = rows[: batch["input_ids"].shape[0]]
+    model.remove_adapter("a")
+    mixed = model(**batch, adapter=rows).logits  # loading b must not evict a, loaded for the same call
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i], expected[name][i], atol=1e-5, rtol=0)
+    model.remove_adapter("b")
+    model(**batch, adapter="b")  # no call pins "a" any more: the load evicts it
+    assert model.adapters == ["b"]
+
+
 def test_killed_save_leaves_old_file(saved, monkeypatch):
     model, good = saved
     old = good.read_bytes()

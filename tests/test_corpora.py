@@ -1,6 +1,7 @@
 """Corpus builders on small fixtures in the real formats; no network, no apt."""
 
 import json
+import shutil
 import struct
 import zlib
 from pathlib import Path
@@ -207,7 +208,7 @@ def test_build_corpus_end_to_end_on_fixture_debs(tmp_path, monkeypatch):
             roots[pkg] = root
         return roots
 
-    monkeypatch.setattr(corpora, "fetch_debs", fake_fetch)
+    monkeypatch.setattr(corpora.bible, "fetch_debs", fake_fetch)  # the name the bible builder calls
     counts = build_corpus("bible", tmp_path / "out")
     assert counts["en-es"]["raw"] == 4
     assert sum(counts["en-es"][s] for s in ("train", "dev", "test")) == 1
@@ -216,7 +217,7 @@ def test_build_corpus_end_to_end_on_fixture_debs(tmp_path, monkeypatch):
 
 
 def test_missing_apt_names_the_package(monkeypatch, tmp_path):
-    monkeypatch.setattr(corpora.shutil, "which", lambda tool: None)
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
     with pytest.raises(CorpusError, match="sword-text-kjv"):
         corpora.fetch_debs(["sword-text-kjv"], tmp_path)
 

@@ -223,6 +223,26 @@ def test_where_selects_attention_kinds():
         Prefix(length=0)
 
 
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_survives_set_attn_implementation_after_attach(arch):
+    model = adapted(arch, "sdpa")
+    batch = tiny_batch(arch)
+    bare = logits(model, batch)
+    model.add_adapter("p", Prefix(length=4, init_std=0.5))
+    reference = logits(model, batch, "p")
+    model.model.set_attn_implementation("eager")  # the user switches after the prefix was attached
+    torch.testing.assert_close(logits(model, batch, "p"), reference, atol=1e-4, rtol=1e-4)
+    assert model.model.config._attn_implementation == "adaptkit:eager"
+    if arch == "llama":  # an implementation the wrapper cannot serve is refused at the call, with the fix
+        model.model.config._attn_implementation_internal = "flash_attention_2"
+        with pytest.raises(AdapterError, match="set_attn_implementation"):
+            logits(model, batch, "p")
+        model.model.set_attn_implementation("sdpa")
+    model.remove_adapter("p")
+    assert not model.model.config._attn_implementation.startswith("adaptkit:")
+    torch.testing.assert_close(logits(model, batch), bare, atol=1e-4, rtol=1e-4)
+
+
 def test_refuses_attention_it_cannot_wrap():
     model = adapted("llama")
     model.model.config._attn_implementation_internal = "flash_attention_2"

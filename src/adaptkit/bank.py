@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ class AdaptedModel(nn.Module):
         self._metadata: dict[str, dict[str, Any]] = {}
         self._next_slot = 0
         self._merged: str | None = None
+        self._pins: Counter[str] = Counter()  # adapter name → calls in flight (and loads) that need it
         self._lock = threading.RLock()
         self._backbone_fingerprint = fingerprint(model)
 
@@ -181,12 +182,13 @@ class AdaptedModel(nn.Module):
         """Evict the least recently used adapters that the store can bring back, beyond max_resident."""
         if self.max_resident is None:
             return
-        evictable = [n for n in self._slots if self.store is not None and n in self.store and n != self._merged]
+        evictable = [n for n in self._slots if self.store is not None and n in self.store
+                     and n != self._merged and not self._pins[n]]
         while len(self._slots) >= self.max_resident and evictable:
             self.remove_adapter(evictable.pop(0))
 
-    def _ensure_resident(self, names: set[str]) -> None:
-        with self._lock:
+    def _ensure_resident(self, names: frozenset[str]) -> None:
+        with self._lock, self._pinned(names):  # loading one of a call's adapters must not evict another
             for name in names:
                 if name in self._slots:
                     self._slots.move_to_end(name)
@@ -195,6 +197,20 @@ class AdaptedModel(nn.Module):
                 else:
                     raise AdapterError(f"no adapter named {name!r}; loaded: {self.adapters}"
                                        + (f"; in the store: {self.store.names()}" if self.store else ""))
+
+    @contextlib.contextmanager
+    def _pinned(self, names: frozenset[str]) -> Iterator[None]:
+        """Keep `names` out of LRU eviction while the block runs (other threads may load meanwhile)."""
+        with self._lock:
+            self._pins.update(names)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins.subtract(names)
+                for name in names:
+                    if self._pins[name] <= 0:
+                        del self._pins[name]
 
     # -- running -------------------------------------------------------------------------------
     def routing_for(self, adapter: AdapterSpec | list[AdapterSpec]) -> Routing:
@@ -211,9 +227,15 @@ class AdaptedModel(nn.Module):
 
     @contextlib.contextmanager
     def using(self, adapter: AdapterSpec | list[AdapterSpec]) -> Iterator[Routing]:
-        """Every call inside the block uses `adapter`; safe across threads and asyncio tasks."""
-        with routing_scope(self.routing_for(adapter)) as routing:
-            yield routing
+        """Every call inside the block uses `adapter`; safe across threads and asyncio tasks.
+
+        The block's adapters stay resident until it ends, even when other threads load past `max_resident`.
+        """
+        with contextlib.ExitStack() as scope:
+            with self._lock:  # resident and pinned in one step: no eviction can slip in between
+                routing = self.routing_for(adapter)
+                scope.enter_context(self._pinned(routing.names))
+            yield scope.enter_context(routing_scope(routing))
 
     def _scope(self, adapter: Any) -> contextlib.AbstractContextManager:
         if adapter is _UNSET:

@@ -1,8 +1,9 @@
 """One trainer on `accelerate` for one adapter, or for the whole backbone (`full=True`).
 
-Read it top to bottom like a torchtune recipe: `TrainConfig` (every option, and the CLI's
-flags), `train()` (the entry point), then `Recipe`: setup → loop → evaluate → save, and the
-checkpoint code that makes a killed run continue where it stopped.
+Read it top to bottom like a torchtune recipe: `train()` (the entry point), then `Recipe`:
+setup → loop → evaluate → save, and the checkpoints that make a killed run continue where it
+stopped. Every option is a `TrainConfig` field (train_config.py); the checkpoint files are
+checkpoint.py's.
 
 The trainer never asks which adapter family it trains: it optimises
 `model.adapter_parameters(name)`, runs `model(**batch, adapter=name)` (the bank adds any
@@ -21,127 +22,19 @@ import dataclasses
 import json
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
+from . import checkpoint as ckpt
 from . import metrics as M
 from .methods.base import METHODS, AdapterConfig, AdapterError, adapter_class_for
+from .train_config import TrainConfig, read_config_file, slug
 
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every training option. The CLI derives one flag per field (`--batch-size`, `--no-generate`)."""
-
-    # what to train
-    backbone: str | None = None  # zoo name, local dir or Hub id (CLI; ak.train takes a loaded model)
-    adapter: str = "adapter"  # the adapter's name in the bank and in the file
-    method: str = "lora"  # family of a new adapter: lora | adalora | prefix | bottleneck
-    adapter_options: dict = dataclasses.field(default_factory=dict)  # the family's config, e.g. {"r": 16}
-    full: bool = False  # fine-tune the whole backbone instead (the baseline adapters are measured against)
-    # data
-    data: str | None = None  # shipped sample name, directory of {train,dev,test}.jsonl, or a file
-    train_split: str = "train"
-    dev_split: str = "dev"
-    src_lang: str | None = None  # routing keys saved in the adapter file; default: the data's columns
-    tgt_lang: str | None = None
-    domain: str | None = None
-    prompt: str | None = None  # decoder LM prompt template (default: data.PromptFormat's)
-    chat_template: bool = False
-    max_source_len: int = 256
-    max_target_len: int = 256
-    # schedule
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "linear"  # linear | cosine | constant
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "auto"  # auto (bf16/fp16 where the hardware has it) | no | bf16 | fp16
-    seed: int = 0
-    # evaluation
-    eval_every: int | None = 100  # optimizer steps; the run also evaluates at its end
-    eval_samples: int | None = None  # first N dev rows only
-    eval_batch_size: int = 16
-    generate: bool = True  # BLEU / chrF / TER of generated translations, not just the loss
-    num_beams: int = 1
-    max_new_tokens: int = 128
-    metric: str | None = None  # early stopping / best: loss | bleu | chrf | ter (default chrf, or loss)
-    patience: int | None = None  # evaluations without improvement before stopping
-    min_delta: float = 0.0
-    slice_head: bool = True  # decoder LMs: LM head only at target positions (exact, much faster)
-    # output
-    output_dir: str | None = None  # default runs/<adapter>
-    checkpoint_every: int | None = None  # default: eval_every; 0 = never
-    resume: bool = True  # continue from output_dir/checkpoints if present
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(f"schedule must be linear, cosine or constant; got {self.schedule!r}")
-        if self.metric is not None and self.metric not in M.MODES:
-            raise ValueError(f"metric must be one of {sorted(M.MODES)}; got {self.metric!r}")
-        if self.metric not in (None, "loss") and not self.generate:
-            raise ValueError(f"metric {self.metric!r} is computed on generated output; set generate=True")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be at least 1")
-
-    @property
-    def best_metric(self) -> str:
-        return self.metric or ("chrf" if self.generate else "loss")
-
-    @property
-    def checkpoint_interval(self) -> int:
-        return (self.eval_every if self.checkpoint_every is None else self.checkpoint_every) or 0
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir or Path("runs") / _slug(self.adapter))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(read_config_file(path))
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """A TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of TrainConfig fields; `[train]` may wrap them."""
-    path = Path(path)
-    if path.suffix == ".toml":
-        import tomllib
-
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    else:
-        raise ValueError(f"config files are .toml, .yaml or .yml; got {path.name!r}")
-    return data.get("train", data)
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-") or "adapter"
+__all__ = ["EpochSampler", "Recipe", "TrainConfig", "lr_factor", "read_config_file", "train"]
 
 
 def train(model: Any, adapter: str | None = None, train: Any = None, dev: Any = None, *,
@@ -326,9 +219,10 @@ class Recipe:
         self.run_dir = cfg.run_dir
         self.checkpoints = self.run_dir / "checkpoints"
         self.log_path = self.run_dir / "eval_log.jsonl"
-        self.output = (self.run_dir / "model") if cfg.full else (self.run_dir / f"{_slug(cfg.adapter)}.safetensors")
-        if cfg.resume and (self.checkpoints / "latest.json").is_file():
-            self.load_checkpoint()
+        self.output = (self.run_dir / "model") if cfg.full else (self.run_dir / f"{slug(cfg.adapter)}.safetensors")
+        resume_from = ckpt.latest(self.checkpoints) if cfg.resume else None
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
         elif self.accelerator.is_main_process:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
@@ -476,7 +370,7 @@ class Recipe:
         if acc.is_main_process:
             metrics = {**(results or {}), "step": self.state.step}
             if cfg.full:
-                _save_full(self.model, self.output, metrics, self.training_metadata())
+                ckpt.save_full(self.model, self.output, metrics, self.training_metadata())
             else:
                 self.model.save_adapter(cfg.adapter, self.output, metrics=metrics, training=self.training_metadata(),
                                         src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, domain=cfg.domain)
@@ -532,69 +426,47 @@ class Recipe:
         if hasattr(self, "model"):
             self.model.eval()
 
-    # -- checkpoints: safetensors for tensors, JSON for the rest, never pickle ---------------------
+    # -- checkpoints (the file layout is checkpoint.py's) ----------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
         if self.cfg.full:
             return {n: p.detach() for n, p in self.model.model.named_parameters() if p.requires_grad}
         return dict(self.model.get_adapter(self.cfg.adapter).state_dict())  # buffers too (AdaLoRA's masks)
 
     def save_checkpoint(self) -> None:
-        """checkpoints/step-N written whole under a temp name, renamed, then `latest.json` replaced."""
         acc, step = self.accelerator, self.state.step
-        final = self.checkpoints / f"step-{step:08d}"
-        tmp = self.checkpoints / f".step-{step:08d}.tmp"
+        staging = ckpt.staging_dir(self.checkpoints, step)
         if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            ckpt.prepare(staging)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            trainable = {k: v.contiguous().cpu() for k, v in self._trainable_state().items()}
-            save_file(trainable, tmp / "trainable.safetensors")
-            tensors, rest = _optimizer_to_files(self.optimizer.state_dict())
-            save_file(tensors, tmp / "optimizer.safetensors")
-            _write_json(tmp / "optimizer.json", rest)
-            _write_json(tmp / "scheduler.json", self.scheduler.state_dict())
-            _write_json(tmp / "state.json", dataclasses.asdict(self.state))
-            if not self.cfg.full:  # e.g. AdaLoRA's masks and importance scores
-                extra_tensors, extra_info = self.model.get_adapter(self.cfg.adapter).training_state()
-                extra_tensors = {k: v.contiguous().cpu() for k, v in extra_tensors.items()}
-                save_file(extra_tensors, tmp / "adapter_state.safetensors")
-                _write_json(tmp / "adapter_state.json", extra_info)
-        rng_tensors, rng_rest = _rng_state()
-        save_file(rng_tensors, tmp / f"rng-{acc.process_index}.safetensors")
-        _write_json(tmp / f"rng-{acc.process_index}.json", rng_rest)
+            adapter_state = None if self.cfg.full else self.model.get_adapter(self.cfg.adapter).training_state()
+            ckpt.write(staging, ckpt.Checkpoint(
+                trainable=self._trainable_state(), optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(), run_state=dataclasses.asdict(self.state),
+                adapter_state=adapter_state))
+        ckpt.write_rng(staging, acc.process_index)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            _write_json(self.checkpoints / "latest.json", {"dir": final.name, "step": step}, atomic=True)
-            for old in self.checkpoints.glob("step-*"):
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
+            ckpt.commit(self.checkpoints, staging, step)
         acc.wait_for_everyone()
 
-    def load_checkpoint(self) -> None:
+    def load_checkpoint(self, where: Path) -> None:
         acc = self.accelerator
-        where = self.checkpoints / json.loads((self.checkpoints / "latest.json").read_text())["dir"]
-        trainable = load_file(where / "trainable.safetensors")
+        saved = ckpt.read(where)
         if self.cfg.full:
             params = dict(self.model.model.named_parameters())
             with torch.no_grad():
-                for name, tensor in trainable.items():
+                for name, tensor in saved.trainable.items():
                     params[name].copy_(tensor)
         else:
-            self.model.get_adapter(self.cfg.adapter).load_state_dict(trainable)
-            if (where / "adapter_state.json").is_file():
-                extra_info = json.loads((where / "adapter_state.json").read_text())
-                extra_tensors = load_file(where / "adapter_state.safetensors")
-                self.model.get_adapter(self.cfg.adapter).load_training_state(extra_tensors, extra_info)
-        rest = json.loads((where / "optimizer.json").read_text())
-        self.optimizer.load_state_dict(_optimizer_from_files(load_file(where / "optimizer.safetensors"), rest))
-        self.scheduler.load_state_dict(json.loads((where / "scheduler.json").read_text()))
-        self.state = RunState(**json.loads((where / "state.json").read_text()))
-        rng = where / f"rng-{acc.process_index}.json"
-        if rng.is_file():  # a run resumed on more processes than it had starts their RNG fresh
-            _set_rng_state(load_file(where / f"rng-{acc.process_index}.safetensors"), json.loads(rng.read_text()))
+            adapter = self.model.get_adapter(self.cfg.adapter)
+            adapter.load_state_dict(saved.trainable)
+            if saved.adapter_state is not None:
+                adapter.load_training_state(*saved.adapter_state)
+        self.optimizer.load_state_dict(saved.optimizer)
+        self.scheduler.load_state_dict(saved.scheduler)
+        self.state = RunState(**saved.run_state)
+        ckpt.restore_rng(where, acc.process_index)
         if acc.is_main_process and self.log_path.is_file():  # evals after the checkpoint will run again
             kept = [line for line in self.log_path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= self.state.step]
@@ -617,72 +489,3 @@ def _dev_split_of(source: Any, split: str) -> Any:
     return None
 
 
-def _save_full(model: Any, path: Path, metrics: dict, training: dict) -> None:
-    """save_pretrained + tokenizer + the run's metrics, written under a temp name and swapped in."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.model.save_pretrained(tmp)
-    if model.tokenizer is not None:
-        model.tokenizer.save_pretrained(tmp)
-    _write_json(tmp / "adaptkit_training.json", {"metrics": metrics, "training": training})
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: Any, atomic: bool = False) -> None:
-    text = json.dumps(data, indent=1, sort_keys=True)
-    if not atomic:
-        path.write_text(text)
-        return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """torch optimizer state_dict → (tensors for safetensors, JSON for the rest)."""
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, values in state["state"].items():
-        for key, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{index}/{key}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(index), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, tensor in tensors.items():
-        index, key = name.split("/", 1)
-        state.setdefault(int(index), {})[key] = tensor
-    for index, values in rest["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
-    return {"state": state, "param_groups": rest["param_groups"]}
-
-
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda/{i}"] = s
-    version, values, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return tensors, {"python": [version, list(values), gauss],
-                     "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)]}
-
-
-def _set_rng_state(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda/"))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
-    version, values, gauss = rest["python"]
-    random.setstate((version, tuple(values), gauss))
-    kind, keys, pos, has_gauss, cached = rest["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

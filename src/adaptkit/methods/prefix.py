@@ -114,6 +114,12 @@ class PrefixSite:
     def __init__(self, module: nn.Module):
         self.module = module
         self.members: dict[str, PrefixKV] = {}
+        # A later `set_attn_implementation(...)` would silently route around the wrapper:
+        # point this module's config back at it just before the module reads it.
+        self.hook = module.register_forward_pre_hook(_keep_wrapped)
+
+    def close(self) -> None:
+        self.hook.remove()
 
     def prefix_for(self, routing: Routing, batch: int, device: torch.device, dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
@@ -259,6 +265,11 @@ def _switch_on(modules: list[nn.Module]) -> None:
             config._attn_implementation_internal = _wrapper_name(impl)
 
 
+def _keep_wrapped(module: nn.Module, args: tuple) -> None:
+    if not module.config._attn_implementation.startswith(WRAPPER_PREFIX):
+        _switch_on([module])  # wraps the newly chosen implementation, or refuses it with the fix
+
+
 def _switch_off_unused(modules: list[nn.Module]) -> None:
     """Give back the original attention to configs that no prefix adapter needs any more."""
     in_use = {id(site.module.config) for site in list(_SITES.values()) if site.members}
@@ -314,6 +325,7 @@ class PrefixAdapter(Adapter):
             if prefix_site is not None:
                 prefix_site.members.pop(self.name, None)
                 if not prefix_site.members:
+                    prefix_site.close()
                     del _SITES[site.module]
         _switch_off_unused([s.module for s in self.targets])
 
