@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 from datasets import Dataset
@@ -134,3 +135,15 @@ def test_plan_and_cli_flags():
     assert quick.backbone == "smollm2-135m" and quick.domains == ["libreoffice-help-en-de"]
     with pytest.raises(ValueError, match="unknown method"):
         BenchConfig(methods=["lora-r9"])
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "benchmarks" / "configs").glob("*.toml")),
+                         ids=lambda p: p.name)
+def test_shipped_bench_configs_are_valid(path):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_bench_commands(parser.add_subparsers(dest="command"))
+    cfg = config_from_args(parser.parse_args(["bench", "efficiency", "--config", str(path), "--budget-steps", "7"]))
+    assert cfg.name == path.stem and cfg.budget_steps == 7  # the file's keys are read, flags override them
+    assert plan(cfg)[0].method == "bare"
