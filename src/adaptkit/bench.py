@@ -464,6 +464,11 @@ def run_benchmark(cfg: BenchConfig, load_model: Callable[[], Any] | None = None,
     work = Path(cfg.work_dir or temp.name)
     work.mkdir(parents=True, exist_ok=True)
     fork = cfg.isolate and "fork" in multiprocessing.get_all_start_methods()
+    if fork and torch.cuda.is_initialized():
+        # A child forked after its parent initialised CUDA cannot use it; jobs then run in-process.
+        print("CUDA is already initialised in this process: running jobs in-process (peak memory is then "
+              "sampled, not per-job); call run_benchmark from a fresh process for per-job figures", file=sys.stderr)
+        fork = False
     if cfg.isolate and not fork:
         cfg = dataclasses.replace(cfg, isolate=False)
     records = []
