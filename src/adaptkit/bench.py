@@ -457,6 +457,7 @@ def run_benchmark(cfg: BenchConfig, load_model: Callable[[], Any] | None = None,
     if data is None:
         data = load_domain_data(cfg)
     started = time.perf_counter()
+    provenance = environment()  # the commit whose code runs, even if the tree changes during a long run
     jobs = plan(cfg)
     temp = None
     if cfg.work_dir is None:
@@ -487,7 +488,7 @@ def run_benchmark(cfg: BenchConfig, load_model: Callable[[], Any] | None = None,
     finally:
         if temp is not None:
             temp.cleanup()
-    report = assemble(cfg, records, time.perf_counter() - started)
+    report = assemble(cfg, records, time.perf_counter() - started, provenance)
     write_outputs(report, Path(cfg.output_dir))
     return report
 

@@ -16,8 +16,9 @@ from typing import Any
 GIB = 2**30
 
 
-def assemble(cfg: Any, records: list[dict[str, Any]], wall_seconds: float) -> dict[str, Any]:
-    """Records of every job + provenance + the derived ratios."""
+def assemble(cfg: Any, records: list[dict[str, Any]], wall_seconds: float,
+             provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Records of every job + provenance (taken when the run started: the code that ran) + derived ratios."""
     from .bench import environment
 
     ok = [r for r in records if not r.get("error")]
@@ -27,7 +28,7 @@ def assemble(cfg: Any, records: list[dict[str, Any]], wall_seconds: float) -> di
     return {
         "name": cfg.name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **environment(),
+        **(provenance if provenance is not None else environment()),
         "backbone": {"name": cfg.backbone, **backbone},
         "config": dataclasses.asdict(cfg),
         "seeds": {"seed": cfg.seed, "data_order": f"EpochSampler(seed={cfg.seed}) for every method",
