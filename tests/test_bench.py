@@ -15,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 import adaptkit as ak
 from adaptkit.bench import METHODS, BenchConfig, plan, run_benchmark
+from adaptkit.bench_report import paired_step_ratio
+from adaptkit.cli import main as adaptkit_main
 from adaptkit.cli_bench import add_bench_commands, config_from_args
 from tiny import tiny_model
 
@@ -147,3 +149,21 @@ def test_shipped_bench_configs_are_valid(path):
     cfg = config_from_args(parser.parse_args(["bench", "efficiency", "--config", str(path), "--budget-steps", "7"]))
     assert cfg.name == path.stem and cfg.budget_steps == 7  # the file's keys are read, flags override them
     assert plan(cfg)[0].method == "bare"
+
+
+def test_step_ratio_is_paired_by_step():
+    # same batches in the same order: step i of both jobs did the same work
+    assert paired_step_ratio([1.0, 10.0, 3.0], [2.0, 20.0, 3.0]) == 0.5  # the ratio of medians would say 1.0
+    assert paired_step_ratio([1.0, 3.0], [2.0, 2.0, 2.0]) == 1.0  # different lengths: ratio of medians
+
+
+def test_report_rerenders_from_its_json(report, tmp_path):
+    _, out = report
+    copy = tmp_path / "tiny.json"
+    copy.write_text((out / "tiny.json").read_text())
+    adaptkit_main(["bench", "report", str(copy)])
+    assert (tmp_path / "tiny.md").read_text() == (out / "tiny.md").read_text()
+    assert (tmp_path / "tiny-quality.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an `adaptkit bench efficiency` report"):
+        adaptkit_main(["bench", "report", str(tmp_path / "bad.json")])

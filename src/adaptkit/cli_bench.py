@@ -110,6 +110,17 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--second", help="second domain's sample (default bible-en-es; none: one domain)")
     add_bench_flags(parser)
     parser.set_defaults(func=efficiency_command)
+    report = jobs.add_parser("report", help="re-render a saved report's markdown and plots from its JSON")
+    report.add_argument("json", help="benchmarks/results/<name>.json")
+    report.set_defaults(func=report_command)
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from .bench_report import rerender
+
+    for kind, path in rerender(args.json).items():
+        print(f"{kind}: {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
