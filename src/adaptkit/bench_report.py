@@ -243,20 +243,25 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 
-    first = [r for r in runs if r["domain"] == domains[0]] if domains else []
-    trained = [r for r in first if r.get("step_seconds_median")]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    ax1.bar([_label(r) for r in trained], [r["step_seconds_median"] for r in trained], color="tab:blue")
-    ax1.set_ylabel("median train step (s)")
-    ax2.bar([_label(r) for r in first], [r["peak_rss_bytes"] / GIB for r in first], color="tab:orange",
-            label="peak RSS")
-    ax2.bar([_label(r) for r in first], [r["rss_after_load_bytes"] / GIB for r in first], color="tab:grey",
-            label="after loading")
-    ax2.set_ylabel("GiB")
-    ax2.legend(fontsize=8)
+    # Grouped bars, one per domain: step time as the paired ratio to full fine-tuning (seconds drift
+    # between jobs on a busy machine; the ratio is what compares), memory as peak RSS.
+    labels = list(dict.fromkeys(_label(r) for r in runs if r["domain"] in domains))
+    width = 0.8 / max(len(domains), 1)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for i, domain in enumerate(domains):
+        by_label = {_label(r): r for r in runs if r["domain"] == domain}
+        xs = [j + (i - (len(domains) - 1) / 2) * width for j in range(len(labels))]
+        ax1.bar(xs, [by_label.get(label, {}).get("step_time_vs_full") or 0 for label in labels], width,
+                label=domain)
+        ax2.bar(xs, [by_label[label]["peak_rss_bytes"] / GIB if label in by_label else 0 for label in labels],
+                width, label=domain)
+    ax1.set_ylabel("train step time × full fine-tuning (paired by step)")
+    ax1.axhline(1.0, ls="--", c="grey")
+    ax2.set_ylabel("peak RSS (GiB)")
     for ax in (ax1, ax2):
-        ax.tick_params(axis="x", rotation=60, labelsize=8)
-        ax.set_title(domains[0] if domains else "")
+        ax.set_xticks(range(len(labels)), labels, rotation=60, fontsize=8, ha="right")
+        ax.legend(fontsize=8)
+        ax.set_title(report["backbone"]["name"])
     fig.tight_layout()
     paths.append(out_dir / f"{name}-cost.png")
     fig.savefig(paths[-1], dpi=120)
