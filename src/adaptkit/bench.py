@@ -41,7 +41,9 @@ from typing import Any
 
 import torch
 
-# name → (family, family options, learning-rate key). Ranks, targets and widths follow the anchors
+from .train_config import slug
+
+# name → (family, family options); the family also picks the learning rate. Ranks, targets and widths follow the anchors
 # in the literature: LoRA on all linear projections, Houlsby / Pfeiffer at reduction 16, 16 prefix tokens.
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "full": ("full", {}),
@@ -303,12 +305,12 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
         with RssSampler() as sampler:
             record["dev"] = _score(model, None, data[job.domain]["dev"], cfg, prompt)
         record["peak_rss_bytes"] = peak_rss() if cfg.isolate else sampler.peak
-        gens = {"bare": lambda x: model.generate(**x, adapter=None, **fixed)}
+        gens = {"bare": _fixed_length(model, None, fixed)}
         record["latency"] = _latency_record(latency(gens, lat_inputs, cfg.latency_repeats, device), None, cfg)
     elif job.library == "adaptkit":
         bare_ms = None
         if job.method == "full":  # the bare model is gone after training: time it first
-            bare_ms = latency({"bare": lambda x: model.generate(**x, adapter=None, **fixed)}, lat_inputs,
+            bare_ms = latency({"bare": _fixed_length(model, None, fixed)}, lat_inputs,
                               cfg.latency_repeats, device)["bare"]
         train_rows, dev_rows = _rows_for(job, data)
         with RssSampler() as sampler:
@@ -323,7 +325,7 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
         train_rows, dev_rows = _rows_for(job, data)
         with RssSampler() as sampler:
             scorer, peer_record, peer_latency = train_peft(model, job.method, cfg, train_rows, dev_rows,
-                                                           work / _slug(job.key), device)
+                                                           work / slug(job.key), device)
         record["peak_rss_bytes"] = peak_rss() if cfg.isolate else sampler.peak
         route = None
         record.update(peer_record)
@@ -334,10 +336,6 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
     record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     record["test"] = {d: _score(scorer, route, data[d]["test"], cfg, prompt) for d in job.test_domains}
     return record
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
 
 
 def _score(model: Any, route: Any, rows: Any, cfg: BenchConfig, prompt: Any) -> dict[str, float]:
@@ -361,7 +359,7 @@ def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev
                  warmup_steps=_warmup(cfg), schedule=cfg.schedule, seed=cfg.seed, eval_every=None,
                  checkpoint_every=0, generate=True, eval_batch_size=cfg.eval_batch_size,
                  max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
-                 max_target_len=cfg.max_target_len, output_dir=str(work / _slug(job.key)), resume=False,
+                 max_target_len=cfg.max_target_len, output_dir=str(work / slug(job.key)), resume=False,
                  progress=cfg.progress)
 
 
@@ -384,21 +382,25 @@ def _from_summary(summary: dict) -> dict[str, Any]:
             **step_figures(summary["step_seconds"], summary["step_tokens"])}
 
 
+def _fixed_length(model: Any, adapter: str | None, fixed: dict) -> Callable[[dict], Any]:
+    """Generation of exactly `latency_tokens` new tokens with `adapter` (None: the bare backbone)."""
+    return lambda inputs: model.generate(**inputs, adapter=adapter, **fixed)
+
+
 def _adaptkit_latency(model: Any, job: Job, inputs: list[dict], fixed: dict, cfg: BenchConfig,
                       device: torch.device, bare_ms: float | None) -> dict[str, Any]:
     if job.method == "full":
-        ms = latency({"unmerged": lambda x: model.generate(**x, adapter=None, **fixed)}, inputs,
+        ms = latency({"unmerged": _fixed_length(model, None, fixed)}, inputs,
                      cfg.latency_repeats, device)
         return _latency_record({"bare": bare_ms, **ms}, None, cfg)
     name = job.method
-    gens = {"bare": lambda x: model.generate(**x, adapter=None, **fixed),
-            "unmerged": lambda x: model.generate(**x, adapter=name, **fixed)}
+    gens = {"bare": _fixed_length(model, None, fixed), "unmerged": _fixed_length(model, name, fixed)}
     ms = latency(gens, inputs, cfg.latency_repeats, device)
     merged = None
     if job.family in MERGEABLE:
         model.merge_adapter(name)
         try:  # bare rows cannot run while merged, so the merged window has its own bare-free timing
-            merged = latency({"merged": lambda x: model.generate(**x, adapter=name, **fixed)}, inputs,
+            merged = latency({"merged": _fixed_length(model, name, fixed)}, inputs,
                              cfg.latency_repeats, device)["merged"]
         finally:
             model.unmerge_adapter()
@@ -417,7 +419,7 @@ def _latency_record(ms: dict[str, float], merged: float | None, cfg: BenchConfig
 # -- running the plan ---------------------------------------------------------------------------
 
 def _child(path: str, job: Job, cfg: BenchConfig, load_model: Callable, data: dict, work: Path) -> None:
-    log = work / f"{_slug(job.key)}.log"
+    log = work / f"{slug(job.key)}.log"
     try:  # the trainer's prints go to the job's log; progress bars (stderr) stay on the console
         with log.open("w") as out, contextlib.redirect_stdout(out):
             result = run_job(job, cfg, load_model, data, work)

@@ -78,7 +78,7 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
     from tqdm.auto import tqdm
 
     from . import metrics as M
-    from .bench import METHODS, step_figures
+    from .bench import MERGEABLE, METHODS, step_figures
     from .data import Collator, PromptFormat, encode_pairs
     from .train import EpochSampler, lr_factor
 
@@ -144,7 +144,7 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
                 return scorer.generate(**x, **fixed)
 
         ms = run({"bare": bare, "unmerged": lambda x: scorer.generate(**x, **fixed)})
-        if family in ("lora", "adalora"):
+        if family in MERGEABLE:
             pm.merge_adapter()
             try:
                 ms["merged"] = run({"merged": lambda x: scorer.generate(**x, **fixed)})["merged"]

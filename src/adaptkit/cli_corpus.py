@@ -80,5 +80,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return adaptkit_main(["corpus", *(sys.argv[1:] if argv is None else argv)])
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -158,5 +158,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return adaptkit_main(argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,5 +55,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return adaptkit_main(["zoo", *(sys.argv[1:] if argv is None else argv)])
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -87,12 +87,12 @@ class Translator:
     def _first_line(self, text: str) -> str:
         return text.strip().split("\n", 1)[0].strip() if self._one_line() else text
 
-
     def _inputs(self, texts: list[str], srcs: list[str], tgts: list[str]) -> dict[str, torch.Tensor]:
         inputs = prompt_inputs(self.model.tokenizer, texts, srcs, tgts, self.model.family, self.prompt,
                                self.max_source_len)
         device = next(self.model.model.parameters()).device
         return {k: v.to(device) for k, v in inputs.items()}
+
 
 class LineDone(StoppingCriteria):
     """A row is done once it has written a non-empty line and then a newline.
