@@ -9,7 +9,7 @@ The same flags as `adaptkit bench efficiency` (see benchmarks/README.md); the wo
 
 import sys
 
-from adaptkit.cli_bench import main
+from adaptkit.cli.bench import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", "efficiency", *sys.argv[1:]]))

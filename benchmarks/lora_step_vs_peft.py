@@ -20,7 +20,7 @@ import peft
 import torch
 
 import adaptkit as ak
-from adaptkit.bench_peft import peft_config
+from adaptkit.bench.peft_peer import peft_config
 
 RESULTS = Path(__file__).parent / "results"
 

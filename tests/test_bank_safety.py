@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adaptkit as ak
-from adaptkit import adapterfile
+from adaptkit.core import adapterfile
 from tiny import tiny_batch, tiny_model
 
 
@@ -223,6 +223,6 @@ def test_header_length_ending_in_pickle_byte_still_loads(tmp_path):
             break
     else:
         pytest.skip("no padding gave a 0x80 low byte")
-    from adaptkit.adapterfile import _read_header
+    from adaptkit.core.adapterfile import _read_header
 
     assert "w" in _read_header(path)

@@ -14,10 +14,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 import adaptkit as ak
-from adaptkit.bench import METHODS, BenchConfig, plan, run_benchmark
-from adaptkit.bench_report import paired_step_ratio
+from adaptkit.bench.report import paired_step_ratio
+from adaptkit.bench.runner import METHODS, BenchConfig, plan, run_benchmark
 from adaptkit.cli import main as adaptkit_main
-from adaptkit.cli_bench import add_bench_commands, config_from_args
+from adaptkit.cli.bench import add_bench_commands, config_from_args
 from tiny import tiny_model
 
 WORDS = (["<pad>", "<s>", "</s>", "<unk>"] + [f"a{i}" for i in range(30)] + [f"b{i}" for i in range(30)]

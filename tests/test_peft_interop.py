@@ -56,7 +56,7 @@ def test_lora_parity_export_and_import(arch, tmp_path):
     assert not torch.allclose(ours, logits(model, batch, adapter=None), atol=1e-3)
     torch.testing.assert_close(ours, logits(reference, batch), atol=1e-5, rtol=0)
 
-    out = model.export_peft("a", tmp_path / "export")
+    out = ak.export_peft(model, "a", tmp_path / "export")
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     loaded = peft.PeftModel.from_pretrained(tiny_model(arch), str(out)).eval()
     torch.testing.assert_close(logits(loaded, batch), ours, atol=1e-5, rtol=0)
@@ -107,7 +107,7 @@ def test_adalora_parity_export_and_import(arch, tmp_path):
     copy_to_peft()  # masked Λ are zero: the full-rank peft model computes the pruned adapter
     torch.testing.assert_close(ours, logits(reference, batch), atol=1e-5, rtol=0)
 
-    out = model.export_peft("a", tmp_path / "export")
+    out = ak.export_peft(model, "a", tmp_path / "export")
     exported = json.loads((out / "adapter_config.json").read_text())
     assert exported["peft_type"] == "ADALORA"
     assert {k.removesuffix(".lora_E"): sum(v) for k, v in exported["rank_pattern"].items()} == adapter.ranks()
@@ -123,7 +123,7 @@ def test_adalora_parity_export_and_import(arch, tmp_path):
             rank_pattern[f"{path}.lora_E.default"] = keep
     reference.peft_config["default"].rank_pattern = rank_pattern
     reference.save_pretrained(str(tmp_path / "from_peft"))
-    name = model.import_peft(tmp_path / "from_peft")
+    name = ak.import_peft(tmp_path / "from_peft", model)
     assert name == "from_peft" and set(model.get_adapter(name).ranks().values()) == {2}
     torch.testing.assert_close(logits(model, batch, adapter=name), logits(reference, batch), atol=1e-5, rtol=0)
 
@@ -168,7 +168,7 @@ def test_pickled_peft_adapter_is_refused(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     torch.save({"x": torch.zeros(1)}, tmp_path / "adapter_model.bin")
     with pytest.raises(ak.AdapterError, match="pickle"):
-        model.import_peft(tmp_path)
+        ak.import_peft(tmp_path, model)
     assert model.adapters == []
 
 
@@ -177,7 +177,7 @@ def test_peft_adapter_outside_our_targets_is_refused(tmp_path):
 
     model = ak.AdaptedModel(tiny_model("llama"))
     model.add_adapter("a", ak.LoRA(r=2, targets=("q",)))
-    out = model.export_peft("a", tmp_path)
+    out = ak.export_peft(model, "a", tmp_path)
     tensors = load_file(out / "adapter_model.safetensors")
     moved = {k.replace("model.layers.0.self_attn.q_proj", "lm_head"): v for k, v in tensors.items()}
     save_file(moved, out / "adapter_model.safetensors")

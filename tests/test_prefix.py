@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from adaptkit import AdaptedModel, AdapterError, Prefix
-from adaptkit.adapterfile import read_adapter_file
+from adaptkit.core.adapterfile import read_adapter_file
 from tiny import ARCHS, DECODERS, tiny_batch, tiny_model
 
 

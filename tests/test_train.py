@@ -21,9 +21,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 import adaptkit as ak
-from adaptkit import metrics as M
-from adaptkit.cli_train import add_config_flags, config_from_args
-from adaptkit.train import TrainConfig, train
+from adaptkit.cli.train import add_config_flags, config_from_args
+from adaptkit.evaluation import evaluate
+from adaptkit.evaluation.loss import label_tokens, loss_inputs
+from adaptkit.training.trainer import TrainConfig, train
 from tiny import tiny_model
 
 WORDS = (["<pad>", "<s>", "</s>", "<unk>"] + [f"a{i}" for i in range(30)] + [f"b{i}" for i in range(30)]
@@ -59,7 +60,7 @@ def tiny(arch: str = "llama") -> ak.AdaptedModel:
 
 
 def bare_loss(model: ak.AdaptedModel, dev: Dataset) -> float:
-    return M.evaluate(model, dev, None, generate=False)["loss"]
+    return evaluate(model, dev, None, generate=False)["loss"]
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +131,9 @@ def test_head_only_at_target_positions_is_exact():
 
     enc, _ = encode_pairs(pairs(4, 3), model.tokenizer, "decoder")
     batch = Collator(model.tokenizer, "decoder")([enc[i] for i in range(4)])
-    sliced = model(**M.loss_inputs(batch, slice_head=True), adapter=None)
-    full = model(**M.loss_inputs(batch, slice_head=False), adapter=None)
-    assert sliced.logits.shape[0] == M.label_tokens(batch["labels"], "decoder") < full.logits[..., 0].numel()
+    sliced = model(**loss_inputs(batch, slice_head=True), adapter=None)
+    full = model(**loss_inputs(batch, slice_head=False), adapter=None)
+    assert sliced.logits.shape[0] == label_tokens(batch["labels"], "decoder") < full.logits[..., 0].numel()
     torch.testing.assert_close(sliced.loss, full.loss)
 
 
@@ -156,7 +157,7 @@ def test_best_adapter_reloads_with_recorded_metric(tmp_path):
     assert info["training"]["max_steps"] == 9 and info["src_lang"] == "en" and info["domain"] == "toy"
     fresh = tiny("llama")
     name = fresh.load_adapter(summary["output"])
-    again = M.evaluate(fresh, dev, name, max_new_tokens=8)
+    again = evaluate(fresh, dev, name, max_new_tokens=8)
     assert again["chrf"] == pytest.approx(info["metrics"]["chrf"], abs=1e-4)
     assert again["loss"] == pytest.approx(info["metrics"]["loss"], abs=1e-4)
 
@@ -202,11 +203,11 @@ def test_gradient_accumulation_equals_a_bigger_batch(tmp_path):
 
 RUNNER = """
 import sys, time
-from adaptkit.train import Recipe
+from adaptkit.training.trainer import Recipe
 delay = float(sys.argv.pop(1))
 step = Recipe._optimizer_step
 Recipe._optimizer_step = lambda self, window: (time.sleep(delay), step(self, window))[1]
-from adaptkit.cli_train import main
+from adaptkit.cli.train import main
 sys.exit(main())
 """
 
@@ -256,7 +257,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, backbone_dir, data
     # (--cpu alone means one process, or MPI); the trainer joins them over gloo.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "adaptkit.cli_train"] + _cli_args(backbone_dir, data_dir, out, batch_size=4, max_steps=6,
+               "-m", "adaptkit.cli.train"] + _cli_args(backbone_dir, data_dir, out, batch_size=4, max_steps=6,
                                                         eval_every=3)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -271,7 +272,7 @@ def test_two_processes_give_the_same_adapter_as_one(tmp_path, backbone_dir, data
 
 
 def test_cli_train_from_yaml_then_eval(tmp_path, backbone_dir, data_dir):
-    from adaptkit.cli_train import main
+    from adaptkit.cli.train import main
 
     run = tmp_path / "run"
     (tmp_path / "run.yaml").write_text(f"backbone: {backbone_dir}\ndata: {data_dir}\nadapter: toy\nmax_steps: 4\n"
@@ -297,7 +298,7 @@ def test_interrupted_adalora_run_resumes_to_the_same_adapter(tmp_path, backbone_
 
     The schedule ends at step 5, before the step-6 checkpoint: a resume that forgot it would reallocate anew.
     """
-    from adaptkit.train import Recipe
+    from adaptkit.training.trainer import Recipe
 
     options = dict(method="adalora", init_r=4, target_r=2, total_steps=12, tinit=1, tfinal=7, max_steps=12,
                    eval_every=None, checkpoint_every=3, lr=0.01, generate=False, progress=False)

@@ -3,7 +3,7 @@
 import torch
 
 import adaptkit as ak
-from adaptkit.translate import Translator
+from adaptkit.tasks.translate import Translator
 from test_train import tiny_tokenizer
 from tiny import tiny_model
 

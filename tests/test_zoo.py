@@ -6,7 +6,7 @@ import time
 import pytest
 
 from adaptkit import zoo
-from adaptkit.cli_zoo import main as zoo_main
+from adaptkit.cli.zoo import main as zoo_main
 from adaptkit.zoo import ZOO, ZooError, cache_root, fetch, is_cached, list_zoo, model_dir, resolve
 
 

@@ -1,13 +1,26 @@
 """adaptkit: one frozen pretrained backbone, many small adapters of any family, hot-swapped per call and per row."""
 
-from .adapterfile import AdapterStore, read_adapter_info
-from .bank import AdaptedModel, load
-from .methods import METHODS, AdaLoRA, Adapter, AdapterConfig, AdapterError, Bottleneck, LoRA, Prefix, register_method
-from .metrics import evaluate
-from .peft_interop import export_peft
-from .peft_interop import import_peft_dir as import_peft
-from .routing import current_routing
-from .train import TrainConfig, train  # ak.train is the function; import the rest from adaptkit.train
+from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
+from adaptkit.core.bank import AdaptedModel, load
+from adaptkit.core.routing import current_routing
+from adaptkit.evaluation import evaluate
+from adaptkit.interop.peft import export_peft
+from adaptkit.interop.peft import import_peft_dir as import_peft
+from adaptkit.methods import (
+    METHODS,
+    AdaLoRA,
+    Adapter,
+    AdapterConfig,
+    AdapterError,
+    Bottleneck,
+    LoRA,
+    Prefix,
+    register_method,
+)
+from adaptkit.training.trainer import (  # ak.train is the function; import the rest from adaptkit.training
+    TrainConfig,
+    train,
+)
 
 __version__ = "0.1.0"
 

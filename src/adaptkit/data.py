@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import torch
 
+from adaptkit import corpora
+
 Family = Literal["seq2seq", "decoder"]
 IGNORE_INDEX = -100
 
@@ -86,7 +88,6 @@ def load_pairs(source: Any, split: str | None = None, src_field: str = "src",
     """
     from datasets import Dataset, DatasetDict
 
-    from adaptkit import corpora
 
     if isinstance(source, DatasetDict):
         ds = source[split or "train"]

@@ -12,12 +12,37 @@ One module per source (`libreoffice`, `bible`, `chatterbot`), what they share in
 registry and `build_corpus` in `build`, the shipped samples in `samples`.
 """
 
-from .bible import bible_pairs, build_bible, build_bible_style, read_ztext
-from .build import CORPORA, CorpusSpec, build_corpus, write_subset
-from .chatterbot import CHATTERBOT_LANGS, build_chatterbot, chatterbot_pairs
-from .common import SPLITS, CorpusError, Subset, clean_markup, clean_ui, dedupe, fetch_debs, fetch_wheel, split_of
-from .libreoffice import build_libreoffice_help, build_libreoffice_ui, help_pairs, help_paragraphs, read_mo, ui_pairs
-from .samples import SAMPLE_SIZES, SAMPLE_SOURCES, SAMPLES_DIR, list_samples, load_sample, make_sample, sample_path
+from adaptkit.corpora.bible import bible_pairs, build_bible, build_bible_style, read_ztext
+from adaptkit.corpora.build import CORPORA, CorpusSpec, build_corpus, write_subset
+from adaptkit.corpora.chatterbot import CHATTERBOT_LANGS, build_chatterbot, chatterbot_pairs
+from adaptkit.corpora.common import (
+    SPLITS,
+    CorpusError,
+    Subset,
+    clean_markup,
+    clean_ui,
+    dedupe,
+    fetch_debs,
+    fetch_wheel,
+    split_of,
+)
+from adaptkit.corpora.libreoffice import (
+    build_libreoffice_help,
+    build_libreoffice_ui,
+    help_pairs,
+    help_paragraphs,
+    read_mo,
+    ui_pairs,
+)
+from adaptkit.corpora.samples import (
+    SAMPLE_SIZES,
+    SAMPLE_SOURCES,
+    SAMPLES_DIR,
+    list_samples,
+    load_sample,
+    make_sample,
+    sample_path,
+)
 
 __all__ = [
     "CHATTERBOT_LANGS", "CORPORA", "SAMPLES_DIR", "SAMPLE_SIZES", "SAMPLE_SOURCES", "SPLITS", "CorpusError",

@@ -8,7 +8,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from .common import CorpusError, Subset, clean_markup, fetch_debs
+from adaptkit.corpora.common import CorpusError, Subset, clean_markup, fetch_debs
 
 # --- SWORD zText (Bible) ----------------------------------------------------------------
 

@@ -8,10 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bible import build_bible, build_bible_style
-from .chatterbot import build_chatterbot
-from .common import SPLITS, CorpusError, Subset, dedupe, split_of
-from .libreoffice import build_libreoffice_help, build_libreoffice_ui
+from adaptkit.corpora.bible import build_bible, build_bible_style
+from adaptkit.corpora.chatterbot import build_chatterbot
+from adaptkit.corpora.common import SPLITS, CorpusError, Subset, dedupe, split_of
+from adaptkit.corpora.libreoffice import build_libreoffice_help, build_libreoffice_ui
 
 # --- the registry of corpora ------------------------------------------------------------
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .common import CorpusError, Subset, fetch_wheel, squash_spaces
+from adaptkit.corpora.common import CorpusError, Subset, fetch_wheel, squash_spaces
 
 # --- chatterbot corpus (YAML dialogues) -------------------------------------------------
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .common import CorpusError, Subset, clean_markup, clean_ui, fetch_debs
+from adaptkit.corpora.common import CorpusError, Subset, clean_markup, clean_ui, fetch_debs
 
 # --- LibreOffice help (HTML) ------------------------------------------------------------
 

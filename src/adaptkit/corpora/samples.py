@@ -7,8 +7,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from .build import CORPORA
-from .common import SPLITS, CorpusError
+from adaptkit.corpora.build import CORPORA
+from adaptkit.corpora.common import SPLITS, CorpusError
 
 SAMPLES_DIR = Path(__file__).parent.parent / "samples"
 

@@ -1,10 +1,12 @@
 """Adapter families. Importing this package registers every family with the bank."""
 
-from .adalora import AdaLoRA
-from .base import METHODS, Adapter, AdapterConfig, AdapterError, adapter_class_for, register_method
-from .bottleneck import Bottleneck
-from .lora import LoRA
-from .prefix import Prefix
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import METHODS, adapter_class_for, register_method
+from adaptkit.methods.adalora import AdaLoRA
+from adaptkit.methods.base import Adapter, AdapterConfig
+from adaptkit.methods.bottleneck import Bottleneck
+from adaptkit.methods.lora import LoRA
+from adaptkit.methods.prefix import Prefix
 
 __all__ = [
     "METHODS", "AdaLoRA", "Adapter", "AdapterConfig", "AdapterError", "Bottleneck", "LoRA", "Prefix",

@@ -24,9 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import Arch, linear_shape
-from .base import AdapterConfig, AdapterError, register_method
-from .lora import LowRankAdapter
+from adaptkit.core.arch import Arch, linear_shape
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import register_method
+from adaptkit.methods.base import AdapterConfig
+from adaptkit.methods.lora import LowRankAdapter
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft's weights give peft's outputs
 

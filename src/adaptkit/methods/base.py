@@ -18,12 +18,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..arch import Arch
-from ..routing import Routing, current_routing
-
-
-class AdapterError(ValueError):
-    """Raised for anything wrong with an adapter, its file or its use; the message names the fix."""
+from adaptkit.core.arch import Arch
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.routing import Routing, current_routing
 
 
 @dataclasses.dataclass
@@ -152,28 +149,6 @@ class Adapter(nn.Module):
 
 def _file_key(state_key: str) -> str:
     return state_key.removeprefix("sites.").replace(":", ".")
-
-
-METHODS: dict[str, type[Adapter]] = {}
-
-
-def register_method(adapter_class: type[Adapter]) -> type[Adapter]:
-    """Class decorator: make a family known to the bank and to the file reader by its method name."""
-    name = adapter_class.method
-    if not name or name in METHODS:
-        raise ValueError(f"method name {name!r} is empty or already registered")
-    METHODS[name] = adapter_class
-    return adapter_class
-
-
-def adapter_class_for(method: str) -> type[Adapter]:
-    try:
-        return METHODS[method]
-    except KeyError:
-        raise AdapterError(
-            f"unknown adapter method {method!r}; known methods: {sorted(METHODS)}. "
-            "A file from a newer adaptkit may need an upgrade"
-        ) from None
 
 
 # -- one forward hook per (module, family), shared by that family's adapters on the module ------

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import Arch, LinearSite
-from ..routing import Routing
-from .base import Adapter, AdapterConfig, AdapterError, HookSite, add_rows, register_method, select_rows
+from adaptkit.core.arch import Arch, LinearSite
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import register_method
+from adaptkit.core.routing import Routing
+from adaptkit.methods.base import Adapter, AdapterConfig, HookSite, add_rows, select_rows
 
 PLACEMENTS = ("pfeiffer", "houlsby", "parallel")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}

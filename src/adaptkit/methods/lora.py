@@ -19,9 +19,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ..arch import Arch, LinearSite, linear_shape
-from ..routing import Routing
-from .base import Adapter, AdapterConfig, AdapterError, HookSite, add_rows, register_method, select_rows
+from adaptkit.core.arch import Arch, LinearSite, linear_shape
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import register_method
+from adaptkit.core.routing import Routing
+from adaptkit.methods.base import Adapter, AdapterConfig, HookSite, add_rows, select_rows
 
 
 @dataclass

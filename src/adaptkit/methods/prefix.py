@@ -27,9 +27,11 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from ..arch import Arch, AttentionSite
-from ..routing import Routing, current_routing
-from .base import Adapter, AdapterConfig, AdapterError, register_method
+from adaptkit.core.arch import Arch, AttentionSite
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import register_method
+from adaptkit.core.routing import Routing, current_routing
+from adaptkit.methods.base import Adapter, AdapterConfig
 
 PLACES = ("encoder", "decoder", "cross")
 WRAPPER_PREFIX = "adaptkit:"

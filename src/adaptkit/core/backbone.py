@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .methods.base import AdapterError
+from adaptkit import zoo
+from adaptkit.core.errors import AdapterError
 
 PROBE_VALUES = 16
 
@@ -37,7 +38,6 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | str | None = 
     """(model, tokenizer or None, backbone id) from a zoo name, a local directory or a Hub id."""
     import transformers as tf
 
-    from . import zoo
 
     backbone_id = str(name_or_path)
     path = zoo.resolve(name_or_path)

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .train_config import slug
+from adaptkit.training.config import slug
 
 # name → (family, family options); the family also picks the learning rate. Ranks, targets and widths follow the anchors
 # in the literature: LoRA on all linear projections, Houlsby / Pfeiffer at reduction 16, 16 prefix tokens.
@@ -171,7 +171,7 @@ def plan(cfg: BenchConfig) -> list[Job]:
 
 def load_domain_data(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
     """Each domain's train split and the first eval/test sentences of dev and test (shipped samples)."""
-    from .data import load_pairs
+    from adaptkit.data import load_pairs
 
     out = {}
     for domain in cfg.domains:
@@ -273,7 +273,7 @@ def _backbone_bytes(model: torch.nn.Module) -> int:
 
 def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dict, work: Path) -> dict[str, Any]:
     """Load the backbone, train (or not), score and time one job; returns its record."""
-    from .data import PromptFormat, prompt_inputs
+    from adaptkit.data import PromptFormat, prompt_inputs
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.threads:
@@ -320,7 +320,7 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
         record.update(_from_summary(summary))
         record["latency"] = _adaptkit_latency(model, job, lat_inputs, fixed, cfg, device, bare_ms)
     else:
-        from .bench_peft import train_peft
+        from adaptkit.bench.peft_peer import train_peft
 
         train_rows, dev_rows = _rows_for(job, data)
         with RssSampler() as sampler:
@@ -339,7 +339,7 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
 
 
 def _score(model: Any, route: Any, rows: Any, cfg: BenchConfig, prompt: Any) -> dict[str, float]:
-    from .metrics import evaluate
+    from adaptkit.evaluation import evaluate
 
     return evaluate(model, rows, route, prompt=prompt, batch_size=cfg.eval_batch_size,
                     max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
@@ -347,7 +347,7 @@ def _score(model: Any, route: Any, rows: Any, cfg: BenchConfig, prompt: Any) -> 
 
 
 def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev_rows: Any, work: Path) -> dict:
-    from .train import train
+    from adaptkit.training.trainer import train
 
     family, options = METHODS[job.method]
     options = dict(options)
@@ -448,11 +448,11 @@ def run_benchmark(cfg: BenchConfig, load_model: Callable[[], Any] | None = None,
     `load_model` builds a fresh `AdaptedModel` per job (default: `ak.load(cfg.backbone)`); `data`
     maps each domain to its train / dev / test rows (default: the shipped samples).
     """
-    from .bench_report import assemble, write_outputs
+    from adaptkit.bench.report import assemble, write_outputs
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize too
     if load_model is None:
-        from .bank import load
+        from adaptkit.core.bank import load
 
         def load_model() -> Any:
             return load(cfg.backbone)

@@ -10,16 +10,16 @@ import sys
 # (module, function that adds its subcommands); modules are imported when the command runs,
 # so `adaptkit --help` stays fast and nothing loads torch models at import time.
 SUBCOMMANDS = [
-    ("adaptkit.cli_zoo", "add_zoo_commands"),
-    ("adaptkit.cli_corpus", "add_corpus_commands"),
-    ("adaptkit.cli_train", "add_train_commands"),
-    ("adaptkit.demo", "add_demo_command"),
-    ("adaptkit.cli_bench", "add_bench_commands"),
+    ("adaptkit.cli.zoo", "add_zoo_commands"),
+    ("adaptkit.cli.corpus", "add_corpus_commands"),
+    ("adaptkit.cli.train", "add_train_commands"),
+    ("adaptkit.cli.demo", "add_demo_command"),
+    ("adaptkit.cli.bench", "add_bench_commands"),
 ]
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .adapterfile import read_adapter_info
+    from adaptkit.core.adapterfile import read_adapter_info
 
     print(json.dumps(read_adapter_info(args.path), indent=2, sort_keys=True))
     return 0

@@ -1,4 +1,4 @@
-"""`adaptkit zoo list|fetch NAME` — mounted by cli.py, or run as `python -m adaptkit.cli_zoo`."""
+"""`adaptkit zoo list|fetch NAME` — mounted by cli/__init__.py, or run as `python -m adaptkit.cli.zoo`."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def _add_actions(zoo: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adaptkit.cli_zoo list` = `adaptkit zoo list`."""
-    from .cli import main as adaptkit_main
+    """`python -m adaptkit.cli.zoo list` = `adaptkit zoo list`."""
+    from adaptkit.cli import main as adaptkit_main
 
     return adaptkit_main(["zoo", *(sys.argv[1:] if argv is None else argv)])
 

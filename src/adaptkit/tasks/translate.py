@@ -13,9 +13,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .bank import AdaptedModel
-from .data import PromptFormat, decode_generated, prompt_inputs
-from .methods.base import AdapterError
+from adaptkit.core.bank import AdaptedModel
+from adaptkit.core.errors import AdapterError
+from adaptkit.data import PromptFormat, decode_generated, prompt_inputs
 
 
 class Translator:

@@ -1,10 +1,10 @@
-"""`adaptkit train` and `adaptkit eval` — mounted by cli.py, or run as `python -m adaptkit.cli_train`.
+"""`adaptkit train` and `adaptkit eval` — mounted by cli/__init__.py, or run as `python -m adaptkit.cli.train`.
 
 Every `TrainConfig` field is a flag (`batch_size` → `--batch-size`, booleans get `--no-…`), so a
 flag and a field never drift apart. A `--config` file (TOML or YAML) gives the base values;
 flags given on the command line override it. Multi-process runs need nothing special:
 
-    accelerate launch --num_processes 2 -m adaptkit.cli_train train --config run.toml
+    accelerate launch --num_processes 2 -m adaptkit.cli.train train --config run.toml
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .train import TrainConfig, read_config_file
+from adaptkit.training.trainer import TrainConfig, read_config_file
 
 
 def _field_help() -> dict[str, str]:
@@ -68,7 +68,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from .train import train
+    from adaptkit.training.trainer import train
 
     cfg = config_from_args(args)
     if cfg.backbone is None:
@@ -83,10 +83,10 @@ def train_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """Score an adapter file, a full fine-tuned checkpoint (`--backbone DIR`) or the bare backbone."""
-    from .adapterfile import read_adapter_info
-    from .bank import AdaptedModel
-    from .data import PromptFormat, load_pairs
-    from .metrics import evaluate
+    from adaptkit.core.adapterfile import read_adapter_info
+    from adaptkit.core.bank import AdaptedModel
+    from adaptkit.data import PromptFormat, load_pairs
+    from adaptkit.evaluation import evaluate
 
     training: dict[str, Any] = {}
     backbone = args.backbone
@@ -153,8 +153,8 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adaptkit.cli_train train ...` = `adaptkit train ...` (for `accelerate launch -m`)."""
-    from .cli import main as adaptkit_main
+    """`python -m adaptkit.cli.train train ...` = `adaptkit train ...` (for `accelerate launch -m`)."""
+    from adaptkit.cli import main as adaptkit_main
 
     return adaptkit_main(argv)
 

@@ -29,10 +29,19 @@ from typing import Any
 
 import torch
 
-from . import checkpoint as ckpt
-from . import metrics as M
-from .methods.base import METHODS, AdapterConfig, AdapterError, adapter_class_for
-from .train_config import TrainConfig, read_config_file, slug
+from adaptkit import corpora
+from adaptkit import data as D
+from adaptkit.core.adapterfile import read_adapter_file
+from adaptkit.core.bank import AdaptedModel
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import METHODS, adapter_class_for
+from adaptkit.data import PromptFormat
+from adaptkit.evaluation.loss import can_slice_head, label_tokens, loss_inputs
+from adaptkit.evaluation.scoring import is_better
+from adaptkit.evaluation.translation import evaluate
+from adaptkit.methods.base import AdapterConfig
+from adaptkit.training import checkpoint as ckpt
+from adaptkit.training.config import TrainConfig, read_config_file, slug
 
 __all__ = ["EpochSampler", "Recipe", "TrainConfig", "lr_factor", "read_config_file", "train"]
 
@@ -146,8 +155,6 @@ class Recipe:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from . import data as D
-        from .bank import AdaptedModel
 
         cfg = self.cfg
         self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), cpu=_cpu_processes())
@@ -202,7 +209,7 @@ class Recipe:
         for _, parameter in named:
             parameter.requires_grad_(True)
         self.params = [p for _, p in named]
-        self.slice_head = cfg.slice_head and M.can_slice_head(model)
+        self.slice_head = cfg.slice_head and can_slice_head(model)
 
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
@@ -239,7 +246,6 @@ class Recipe:
                 setattr(self.cfg, key, first[key])
 
     def _prompt_format(self) -> Any:
-        from .data import PromptFormat
 
         prompt = PromptFormat(use_chat_template=self.cfg.chat_template)
         if self.cfg.prompt is not None:
@@ -294,14 +300,14 @@ class Recipe:
     def _optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean token loss, tokens seen)."""
         acc = self.accelerator
-        counts = [M.label_tokens(b["labels"], self.family) for b in window]
+        counts = [label_tokens(b["labels"], self.family) for b in window]
         n_global = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum"))
         self.wrapped.train()
         loss_sum = 0.0
         for i, (batch, count) in enumerate(zip(window, counts)):
             last = i == len(window) - 1
             with acc.no_sync(self.wrapped) if not last else contextlib.nullcontext():
-                out = self.wrapped(**M.loss_inputs(batch, self.slice_head), adapter=self.route)
+                out = self.wrapped(**loss_inputs(batch, self.slice_head), adapter=self.route)
                 # out.loss is this micro-batch's token mean; re-weight it to a share of the global
                 # token mean (DDP averages gradients over processes, hence × num_processes).
                 acc.backward(out.loss * (count * acc.num_processes / max(n_global, 1)))
@@ -322,7 +328,7 @@ class Recipe:
         """Dev loss and, with `generate`, BLEU / chrF / TER of greedy or beam output."""
         cfg = self.cfg
         with self.accelerator.autocast():
-            return M.evaluate(self.model, self.dev_rows, self.route, prompt=self.prompt, encoded=self.dev_enc,
+            return evaluate(self.model, self.dev_rows, self.route, prompt=self.prompt, encoded=self.dev_enc,
                               generate=cfg.generate, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams,
                               max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
                               src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, slice_head=cfg.slice_head)
@@ -341,7 +347,7 @@ class Recipe:
         results = {k: round(v, 6) for k, v in box[0].items()}
         state.last_metrics = results
         name = cfg.best_metric
-        if M.is_better(results[name], state.best_value, name, cfg.min_delta):
+        if is_better(results[name], state.best_value, name, cfg.min_delta):
             state.best_value, state.best_step, state.bad_evals = results[name], state.step, 0
             state.best_metrics = results
             self.save_output(results)
@@ -381,7 +387,6 @@ class Recipe:
         if self.state.best_step is None:
             self.save_output(self.state.last_metrics)
         elif not self.cfg.full and self.state.best_step != self.state.step:
-            from .adapterfile import read_adapter_file
 
             tensors, _ = read_adapter_file(self.output)
             self.model.get_adapter(self.cfg.adapter).load_adapter_state_dict(tensors)
@@ -477,7 +482,6 @@ class Recipe:
 
 def _dev_split_of(source: Any, split: str) -> Any:
     """The `split` of a directory or shipped sample that has one; None for files and datasets."""
-    from . import corpora
 
     if not isinstance(source, (str, os.PathLike)):
         return None

@@ -49,8 +49,8 @@ def peft_config(method: str, model: Any, budget_steps: int) -> Any:
     """The peft config of a benchmark method, with exactly the projections adaptkit targets."""
     import peft
 
-    from .bench import METHODS
-    from .methods import AdaLoRA
+    from adaptkit.bench.runner import METHODS
+    from adaptkit.methods import AdaLoRA
 
     family, options = METHODS[method]
     task = TASK_TYPES[model.family]
@@ -77,13 +77,14 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from . import metrics as M
-    from .bench import MERGEABLE, METHODS, step_figures
-    from .data import Collator, PromptFormat, encode_pairs
-    from .train import EpochSampler, lr_factor
+    from adaptkit.bench.runner import MERGEABLE, METHODS, step_figures
+    from adaptkit.data import Collator, PromptFormat, encode_pairs
+    from adaptkit.evaluation import evaluate
+    from adaptkit.evaluation.loss import can_slice_head, loss_inputs
+    from adaptkit.training.trainer import EpochSampler, lr_factor
 
     family = METHODS[method][0]
-    slice_head = M.can_slice_head(model)
+    slice_head = can_slice_head(model)
     set_seed(cfg.seed)  # as the trainer does before building the adapter
     config = peft_config(method, model, cfg.budget_steps)
     pm = peft.get_peft_model(model.model, config)
@@ -116,7 +117,7 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
         batch = {k: v.to(device) for k, v in next(stream).items()}
         start = time.perf_counter()
         with autocast:
-            out = pm(**M.loss_inputs(batch, slice_head))
+            out = pm(**loss_inputs(batch, slice_head))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -129,7 +130,7 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
         tokens.append(int(batch["attention_mask"].sum()))
     pm.eval()
     scorer = PeftScorer(pm, model.tokenizer, model.family)
-    dev = M.evaluate(scorer, dev_rows, None, prompt=prompt, batch_size=cfg.eval_batch_size,
+    dev = evaluate(scorer, dev_rows, None, prompt=prompt, batch_size=cfg.eval_batch_size,
                      max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
                      max_target_len=cfg.max_target_len)
     pm.save_pretrained(str(out_dir))

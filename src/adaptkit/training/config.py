@@ -1,6 +1,6 @@
 """`TrainConfig`: every training option, and the config files (TOML / YAML) that set them.
 
-The CLI derives one flag per field (`cli_train.py`); `ak.train(**options)` takes the same names.
+The CLI derives one flag per field (`cli/train.py`); `ak.train(**options)` takes the same names.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from . import metrics as M
+from adaptkit.evaluation.scoring import MODES
 
 
 @dataclasses.dataclass
@@ -65,8 +65,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"schedule must be linear, cosine or constant; got {self.schedule!r}")
-        if self.metric is not None and self.metric not in M.MODES:
-            raise ValueError(f"metric must be one of {sorted(M.MODES)}; got {self.metric!r}")
+        if self.metric is not None and self.metric not in MODES:
+            raise ValueError(f"metric must be one of {sorted(MODES)}; got {self.metric!r}")
         if self.metric not in (None, "loss") and not self.generate:
             raise ValueError(f"metric {self.metric!r} is computed on generated output; set generate=True")
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -1,4 +1,4 @@
-"""`adaptkit corpus list|build|sample|samples` — mounted by cli.py, or `python -m adaptkit.cli_corpus`."""
+"""`adaptkit corpus list|build|sample|samples` — mounted by cli/__init__.py, or `python -m adaptkit.cli.corpus`."""
 
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ def add_corpus_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adaptkit.cli_corpus build ...` = `adaptkit corpus build ...`."""
-    from .cli import main as adaptkit_main
+    """`python -m adaptkit.cli.corpus build ...` = `adaptkit corpus build ...`."""
+    from adaptkit.cli import main as adaptkit_main
 
     return adaptkit_main(["corpus", *(sys.argv[1:] if argv is None else argv)])
 

@@ -20,7 +20,7 @@ GIB = 2**30
 def assemble(cfg: Any, records: list[dict[str, Any]], wall_seconds: float,
              provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Records of every job + provenance (taken when the run started: the code that ran) + derived ratios."""
-    from .bench import environment
+    from adaptkit.bench.runner import environment
 
     ok = [r for r in records if not r.get("error")]
     backbone = next(({"parameters": r["backbone_parameters"], "bytes": r["backbone_bytes"]} for r in ok), {})

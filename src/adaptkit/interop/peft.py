@@ -22,12 +22,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers.pytorch_utils import Conv1D
 
-from .methods.adalora import AdaLoRA
-from .methods.base import Adapter, AdapterError, adapter_class_for
-from .methods.lora import LoRA
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import adapter_class_for
+from adaptkit.methods import prefix as prefix_method
+from adaptkit.methods.adalora import AdaLoRA
+from adaptkit.methods.base import Adapter
+from adaptkit.methods.lora import LoRA
 
 if TYPE_CHECKING:
-    from .bank import AdaptedModel
+    from adaptkit.core.bank import AdaptedModel
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -211,8 +214,6 @@ def _adalora_from_peft(model: AdaptedModel, config: dict[str, Any], tensors: dic
 
 def _prefix_from_peft(model: AdaptedModel, config: dict[str, Any], tensors: dict[str, torch.Tensor]
                       ) -> tuple[Any, dict[str, torch.Tensor]]:
-    from .methods import prefix as prefix_method  # the prefix family, where prefix keys/values live
-
     if set(tensors) != {"prompt_embeddings"}:
         raise AdapterError(f"a peft prefix-tuning adapter holds one tensor, prompt_embeddings; found {sorted(tensors)}")
     length = int(config["num_virtual_tokens"])

@@ -27,7 +27,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .methods.base import AdapterError, adapter_class_for
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import adapter_class_for
 
 FORMAT_VERSION = "1"
 PREFIX = "adaptkit."

@@ -1,4 +1,4 @@
-"""`adaptkit bench efficiency` — mounted by cli.py, or run as `python -m adaptkit.cli_bench bench efficiency`.
+"""`adaptkit bench efficiency` — mounted by cli/__init__.py, or run as `python -m adaptkit.cli.bench bench efficiency`.
 
 Every `BenchConfig` field is a flag (`budget_steps` → `--budget-steps`; lists are comma-separated,
 `--lrs` is `family=lr,...`); a `--config` TOML/YAML file (optionally under `[bench]`) gives the base
@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any
 
-from .bench import BenchConfig, quick_config
+from adaptkit.bench.runner import BenchConfig, quick_config
 
 
 def _list(text: str) -> list[str]:
@@ -66,7 +66,7 @@ def add_bench_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
-    from .train import read_config_file
+    from adaptkit.training.trainer import read_config_file
 
     values: dict[str, Any] = {}
     if args.config:
@@ -83,7 +83,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
 
 def efficiency_command(args: argparse.Namespace) -> int:
-    from .bench import run_benchmark
+    from adaptkit.bench.runner import run_benchmark
 
     cfg = config_from_args(args)
     report = run_benchmark(cfg)
@@ -116,7 +116,7 @@ def add_bench_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    from .bench_report import rerender
+    from adaptkit.bench.report import rerender
 
     for kind, path in rerender(args.json).items():
         print(f"{kind}: {path}")
@@ -124,8 +124,8 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m adaptkit.cli_bench bench efficiency ...` = `adaptkit bench efficiency ...`."""
-    from .cli import main as adaptkit_main
+    """`python -m adaptkit.cli.bench bench efficiency ...` = `adaptkit bench efficiency ...`."""
+    from adaptkit.cli import main as adaptkit_main
 
     return adaptkit_main(argv)
 

@@ -22,14 +22,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from . import zoo
-from .adapterfile import read_adapter_info
-from .bank import AdaptedModel
-from .corpora import load_sample
-from .methods import AdapterConfig, Bottleneck, LoRA
-from .metrics import translation_metrics
-from .train import train
-from .translate import Translator
+from adaptkit import zoo
+from adaptkit.core.adapterfile import read_adapter_info
+from adaptkit.core.bank import AdaptedModel
+from adaptkit.corpora import load_sample
+from adaptkit.evaluation import translation_metrics
+from adaptkit.methods import AdapterConfig, Bottleneck, LoRA
+from adaptkit.tasks.translate import Translator
+from adaptkit.training.trainer import train
 
 
 @dataclass

@@ -12,19 +12,21 @@ import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from . import peft_interop
-from .adapterfile import ROUTING_KEYS, AdapterStore, read_adapter_file, write_adapter_file
-from .arch import Arch
-from .backbone import check_backbone as check_backbone_fn
-from .backbone import fingerprint, freeze, load_pretrained
-from .methods import AdapterConfig, adapter_class_for
-from .methods.base import Adapter, AdapterError
-from .routing import AdapterSpec, Routing, current_routing, routing_scope
+from adaptkit.core.adapterfile import ROUTING_KEYS, AdapterStore, read_adapter_file, write_adapter_file
+from adaptkit.core.arch import Arch
+from adaptkit.core.backbone import check_backbone as check_backbone_fn
+from adaptkit.core.backbone import fingerprint, freeze, load_pretrained
+from adaptkit.core.errors import AdapterError
+from adaptkit.core.registry import adapter_class_for
+from adaptkit.core.routing import AdapterSpec, Routing, current_routing, routing_scope
+
+if TYPE_CHECKING:
+    from adaptkit.methods.base import Adapter, AdapterConfig
 
 _UNSET: Any = object()
 
@@ -286,18 +288,6 @@ class AdaptedModel(nn.Module):
     @property
     def merged_adapter(self) -> str | None:
         return self._merged
-
-    # -- peft directories ------------------------------------------------------------------------
-    def export_peft(self, name: str, out_dir: str | Path) -> Path:
-        """Write a LoRA / AdaLoRA adapter as a peft directory (adapter_config.json + safetensors)."""
-        return peft_interop.export_peft(self, name, out_dir)
-
-    def import_peft(self, peft_dir: str | Path, name: str | None = None) -> str:
-        """Load a peft LoRA / AdaLoRA / prefix-tuning directory (safetensors only) as an adapter."""
-        return peft_interop.import_peft(self, peft_dir, name)
-
-
-
 
 
 def _check_name(name: str) -> None:

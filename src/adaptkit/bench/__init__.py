@@ -1,0 +1,1 @@
+"""The efficiency benchmark: adapters against full fine-tuning and against peft, and its report."""

@@ -1,0 +1,1 @@
+"""Interoperability with peft directories (adapter_config.json + adapter_model.safetensors)."""

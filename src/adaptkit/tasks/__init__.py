@@ -1,0 +1,1 @@
+"""Tasks over an adapted model: translation by routing keys."""

@@ -1,0 +1,1 @@
+"""The trainer (accelerate), its config and its checkpoints."""
