@@ -17,6 +17,7 @@ from adaptkit.methods import (
     Prefix,
     register_method,
 )
+from adaptkit.tasks.translate import Translator
 from adaptkit.training.trainer import (  # ak.train is the function; import the rest from adaptkit.training
     TrainConfig,
     train,
@@ -27,6 +28,6 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS", "AdaLoRA", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "Bottleneck",
     "LoRA", "Prefix",
-    "TrainConfig", "current_routing", "evaluate", "export_peft", "import_peft", "load", "read_adapter_info",
+    "TrainConfig", "Translator", "current_routing", "evaluate", "export_peft", "import_peft", "load", "read_adapter_info",
     "register_method", "train",
 ]

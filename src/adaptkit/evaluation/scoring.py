@@ -7,7 +7,9 @@ fails offline.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 # Which way is better for each metric the trainer can early-stop on.
 MODES = {"loss": "min", "bleu": "max", "chrf": "max", "ter": "min"}
@@ -36,3 +38,57 @@ def is_better(value: float, best: float | None, metric: str, min_delta: float = 
     if MODES[metric] == "max":
         return value > best + min_delta
     return value < best - min_delta
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """How much system B beats system A on one test set, with a bootstrap interval over sentences."""
+
+    metric: str
+    a: float
+    b: float
+    low: float  # 2.5th percentile of (b - a) over resampled test sets
+    high: float  # 97.5th percentile
+    sentences: int
+    resamples: int
+
+    @property
+    def gain(self) -> float:
+        return self.b - self.a
+
+    def __str__(self) -> str:
+        return f"{self.a:.1f} → {self.b:.1f} ({self.gain:+.1f}, 95% CI {self.low:+.1f}…{self.high:+.1f})"
+
+
+def paired_bootstrap(hypotheses_a: Sequence[str], hypotheses_b: Sequence[str], references: Sequence[str],
+                     metric: str = "chrf", resamples: int = 1000, seed: int = 0) -> PairedGain:
+    """Corpus-level `metric` of A and B, and a 95% interval of B − A from paired bootstrap resampling.
+
+    Each resample draws the same sentence indices for both systems (Koehn 2004), so the interval is
+    about the difference, not about each score's own noise. Sentence statistics are extracted once and
+    summed per resample, which is exactly what sacrebleu's corpus score does for the whole set.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if not len(hypotheses_a) == len(hypotheses_b) == len(references) or not references:
+        raise ValueError(f"need equally many hypotheses and references, at least one; got "
+                         f"{len(hypotheses_a)}, {len(hypotheses_b)}, {len(references)}")
+    scorer = {"chrf": CHRF, "bleu": BLEU}[metric]()
+    refs = [list(references)]
+    stats_a = scorer._extract_corpus_statistics(list(hypotheses_a), refs)
+    stats_b = scorer._extract_corpus_statistics(list(hypotheses_b), refs)
+
+    def score(stats: list[list[int]], indices: Sequence[int]) -> float:
+        totals = [sum(column) for column in zip(*(stats[i] for i in indices))]
+        return scorer._compute_score_from_stats(totals).score
+
+    everything = range(len(references))
+    rng = random.Random(seed)
+    gains = []
+    for _ in range(resamples):
+        indices = [rng.randrange(len(references)) for _ in everything]
+        gains.append(score(stats_b, indices) - score(stats_a, indices))
+    gains.sort()
+    return PairedGain(metric, score(stats_a, everything), score(stats_b, everything),
+                      gains[int(0.025 * (resamples - 1))], gains[int(0.975 * (resamples - 1))],
+                      len(references), resamples)
