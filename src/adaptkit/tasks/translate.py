@@ -6,7 +6,7 @@ the row is routed to its own adapter, all in one `generate` call over the shared
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,17 +32,8 @@ class Translator:
 
     def adapter_for(self, src_lang: str, tgt_lang: str, domain: str | None = None) -> str | None:
         """The loaded adapter whose metadata matches; a pair-only adapter serves any domain."""
-        best, best_score = None, 0
-        for name in self.model.adapters:
-            meta = self.model.adapter_metadata(name)
-            if meta.get("src_lang") != src_lang or meta.get("tgt_lang") != tgt_lang:
-                continue
-            score = 2 if domain is not None and meta.get("domain") == domain else 1
-            if meta.get("domain") not in (None, domain):
-                continue
-            if score > best_score:
-                best, best_score = name, score
-        return best
+        return match_adapter(((n, self.model.adapter_metadata(n)) for n in self.model.adapters),
+                             src_lang, tgt_lang, domain)
 
     def translate(self, texts: Sequence[str], src_lang: str | Sequence[str], tgt_lang: str | Sequence[str],
                   domain: str | None | Sequence[str | None] = None, adapter: Any = "auto",
@@ -92,6 +83,22 @@ class Translator:
                                self.max_source_len)
         device = next(self.model.model.parameters()).device
         return {k: v.to(device) for k, v in inputs.items()}
+
+
+def match_adapter(candidates: Iterable[tuple[str, Mapping[str, Any]]], src_lang: str, tgt_lang: str,
+                  domain: str | None = None) -> str | None:
+    """The first (name, metadata) whose routing keys fit: same pair and same domain, else a pair-only
+    adapter (no domain), which serves any domain. Shared by Translator and the HTTP service."""
+    best, best_score = None, 0
+    for name, meta in candidates:
+        if meta.get("src_lang") != src_lang or meta.get("tgt_lang") != tgt_lang:
+            continue
+        if meta.get("domain") not in (None, domain):
+            continue
+        score = 2 if domain is not None and meta.get("domain") == domain else 1
+        if score > best_score:
+            best, best_score = name, score
+    return best
 
 
 class LineDone(StoppingCriteria):
