@@ -14,8 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 import adaptkit as ak
+from adaptkit.bench.jobs import METHODS, BenchConfig, plan
 from adaptkit.bench.report import paired_step_ratio
-from adaptkit.bench.runner import METHODS, BenchConfig, plan, run_benchmark
+from adaptkit.bench.runner import run_benchmark
 from adaptkit.cli import main as adaptkit_main
 from adaptkit.cli.bench import add_bench_commands, config_from_args
 from tiny import tiny_model

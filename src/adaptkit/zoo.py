@@ -23,7 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import snapshot_download
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 COMPLETE_MARKER = ".adaptkit-complete.json"
 
@@ -109,9 +112,6 @@ def gguf_to_plain(gguf_path: Path, out_dir: Path) -> None:
     The GGUF-loaded model carries an `hf_quantizer` and refuses `save_pretrained`, so we
     rebuild the architecture from its config and copy the (already dequantised) weights.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder, fname = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
@@ -247,8 +247,6 @@ def _try_hub(repo_id: str, out: Path) -> str | None:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return "HF_HUB_OFFLINE is set"
     try:
-        from huggingface_hub import snapshot_download
-
         snapshot_download(repo_id, local_dir=str(out), etag_timeout=10,
                           allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
                                           "*.jinja", "*.md"])

@@ -14,16 +14,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from adaptkit.bench.jobs import MERGEABLE, METHODS
+from adaptkit.bench.measure import step_figures
+from adaptkit.data import Collator, PromptFormat, encode_pairs
+from adaptkit.evaluation import evaluate
+from adaptkit.evaluation.loss import can_slice_head, loss_inputs
+from adaptkit.methods import AdaLoRA
+from adaptkit.training.trainer import EpochSampler, lr_factor
 
 TASK_TYPES = {"decoder": "CAUSAL_LM", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 class PeftScorer:
-    """What `metrics.evaluate` needs of a model (`family`, `tokenizer`, `model`, call and generate
+    """What `evaluation.evaluate` needs of a model (`family`, `tokenizer`, `model`, call and generate
     with an `adapter=` keyword), over a peft model: the adapter is always the peft one."""
 
     def __init__(self, peft_model: Any, tokenizer: Any, family: str):
         self.model, self.tokenizer, self.family = peft_model, tokenizer, family
+
+    def require_tokenizer(self, purpose: str) -> Any:
+        return self.tokenizer  # always the adaptkit model's, which the peer was trained with
 
     @property
     def training(self) -> bool:
@@ -49,9 +61,6 @@ def peft_config(method: str, model: Any, budget_steps: int) -> Any:
     """The peft config of a benchmark method, with exactly the projections adaptkit targets."""
     import peft
 
-    from adaptkit.bench.runner import METHODS
-    from adaptkit.methods import AdaLoRA
-
     family, options = METHODS[method]
     task = TASK_TYPES[model.family]
     if family == "prefix":
@@ -75,13 +84,6 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
     latency(run, fixed) → ms of bare / unmerged / merged generation)."""
     import peft
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from adaptkit.bench.runner import MERGEABLE, METHODS, step_figures
-    from adaptkit.data import Collator, PromptFormat, encode_pairs
-    from adaptkit.evaluation import evaluate
-    from adaptkit.evaluation.loss import can_slice_head, loss_inputs
-    from adaptkit.training.trainer import EpochSampler, lr_factor
 
     family = METHODS[method][0]
     slice_head = can_slice_head(model)

@@ -1,4 +1,5 @@
-"""The efficiency benchmark's outputs: one JSON of every figure, a markdown table, two PNG plots.
+"""The efficiency benchmark's outputs: one JSON of every figure, a markdown table, two PNG plots,
+and the provenance (machine, versions, commit) that a reader needs to trust or redo them.
 
 Ratios are taken against jobs of the same run: quality against the bare backbone on the same test
 set, file size against the full fine-tuned checkpoint, step time and memory against full fine-tuning.
@@ -10,9 +11,17 @@ import dataclasses
 import datetime
 import json
 import math
+import os
+import platform
 import statistics
+import subprocess
+import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+import psutil
+import torch
 
 GIB = 2**30
 
@@ -20,8 +29,6 @@ GIB = 2**30
 def assemble(cfg: Any, records: list[dict[str, Any]], wall_seconds: float,
              provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Records of every job + provenance (taken when the run started: the code that ran) + derived ratios."""
-    from adaptkit.bench.runner import environment
-
     ok = [r for r in records if not r.get("error")]
     backbone = next(({"parameters": r["backbone_parameters"], "bytes": r["backbone_bytes"]} for r in ok), {})
     for r in ok:
@@ -278,3 +285,33 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
         paths[path.stem.rsplit("-", 1)[-1]] = path
     report["outputs"] = {k: str(p) for k, p in paths.items()}
     return paths
+
+
+# -- provenance ---------------------------------------------------------------------------------
+
+def environment() -> dict[str, Any]:
+    """Machine, library versions and git commit: what a reader needs to trust or redo the figures."""
+    versions = {}
+    for package in ("adaptkit", "torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "tokenizers"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    root = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain")
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version()},
+        "versions": versions,
+        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }

@@ -25,154 +25,30 @@ import dataclasses
 import json
 import multiprocessing
 import os
-import platform
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from adaptkit.bench.jobs import MERGEABLE, METHODS, BenchConfig, Job, plan
+from adaptkit.bench.measure import RssSampler, current_rss, latency, peak_rss, step_figures
+from adaptkit.bench.peft_peer import train_peft
+from adaptkit.bench.report import assemble, environment, write_outputs
+from adaptkit.core.bank import load
+from adaptkit.data import PromptFormat, load_pairs, prompt_inputs
+from adaptkit.evaluation import evaluate
 from adaptkit.training.config import slug
-
-# name → (family, family options); the family also picks the learning rate. Ranks, targets and widths follow the anchors
-# in the literature: LoRA on all linear projections, Houlsby / Pfeiffer at reduction 16, 16 prefix tokens.
-METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}),
-    "lora-r8": ("lora", {"r": 8, "alpha": 16.0, "targets": "all-linear"}),
-    "lora-r32": ("lora", {"r": 32, "alpha": 64.0, "targets": "all-linear"}),
-    "adalora": ("adalora", {"init_r": 12, "target_r": 8, "alpha": 32.0, "targets": "all-linear"}),
-    "prefix": ("prefix", {"length": 16}),
-    "bottleneck-pfeiffer": ("bottleneck", {"placement": "pfeiffer", "reduction": 16}),
-    "bottleneck-houlsby": ("bottleneck", {"placement": "houlsby", "reduction": 16}),
-}
-PEER_METHODS = ("lora-r8", "lora-r32", "adalora", "prefix")
-# One schedule shape for all; the peak learning rate is the family's usual one (full fine-tuning
-# diverges at adapter rates, prefixes barely move at them) — the same choice Hu et al. and peft's
-# method comparison make.
-DEFAULT_LRS = {"full": 5e-5, "lora": 5e-4, "adalora": 1e-3, "prefix": 5e-3, "bottleneck": 5e-4}
-MERGEABLE = ("lora", "adalora")
-LIBRARIES = ("bare", "adaptkit", "peft")
-
-
-@dataclasses.dataclass
-class BenchConfig:
-    """Every option of `adaptkit bench efficiency` (flags and the `[bench]` table of a config file)."""
-
-    name: str = "efficiency"  # results/<name>.json, .md, -quality.png, -cost.png
-    backbone: str = "gemma3-270m"
-    domains: list[str] = dataclasses.field(default_factory=lambda: ["libreoffice-help-en-de", "bible-en-es"])
-    methods: list[str] = dataclasses.field(default_factory=lambda: list(METHODS))  # on the first domain
-    other_methods: list[str] | None = None  # on the other domains (None: the same as methods)
-    peers: list[str] = dataclasses.field(default_factory=lambda: ["lora-r8", "adalora", "prefix"])  # peft, 1st domain
-    mixed: str | None = "lora-r8"  # one adapter of this method trained on all domains' data together
-    cross: str | None = "lora-r8"  # this method's per-domain adapters are scored on every domain's test set
-    budget_steps: int = 30
-    batch_size: int = 8
-    warmup_steps: int | None = None  # default: 10% of budget_steps
-    schedule: str = "linear"
-    lrs: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_LRS))
-    max_source_len: int = 128
-    max_target_len: int = 128
-    eval_samples: int = 16  # dev sentences
-    test_samples: int = 32  # test sentences per domain
-    eval_batch_size: int = 16
-    max_new_tokens: int = 48
-    latency_sentences: int = 3
-    latency_tokens: int = 16
-    latency_repeats: int = 2
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads per job (default: torch's; 1 helps on a busy shared machine)
-    isolate: bool = True  # a forked worker per job (honest peak RSS); False: in-process
-    output_dir: str = "benchmarks/results"
-    work_dir: str | None = None  # adapter files and logs (default: a temporary directory)
-    progress: bool = True
-
-    def __post_init__(self) -> None:
-        unknown = sorted({*self.methods, *(self.other_methods or []), *self.peers,
-                          *([self.mixed] if self.mixed else []), *([self.cross] if self.cross else [])} - set(METHODS))
-        if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-        if bad := sorted(set(self.peers) - set(PEER_METHODS)):
-            raise ValueError(f"peft peers cover {list(PEER_METHODS)}; got {bad}")
-        if not self.domains:
-            raise ValueError("need at least one domain")
-        if self.budget_steps < 1:
-            raise ValueError("budget_steps must be at least 1")
-
-    def lr(self, family: str) -> float:
-        return {**DEFAULT_LRS, **self.lrs}[family]
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ValueError(f"unknown bench option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-
-def quick_config(**overrides: Any) -> BenchConfig:
-    """The `--quick` run: SmolLM2-135M, 3 steps, 6 sentences — every code path in minutes on 2 cores."""
-    values: dict[str, Any] = dict(name="quick", backbone="smollm2-135m", budget_steps=3, batch_size=4,
-                                  eval_samples=6, test_samples=6, max_new_tokens=16, latency_sentences=2,
-                                  latency_tokens=4, latency_repeats=1, other_methods=["lora-r8"],
-                                  threads=1)  # CI machines are shared: 2 threads on 1 free core crawl
-    values.update(overrides)
-    return BenchConfig(**values)
-
-
-@dataclasses.dataclass
-class Job:
-    """One method trained on one domain (or on all, `mixed`), or the bare backbone scored."""
-
-    domain: str  # the domain it is trained on, or "mixed"
-    method: str  # a METHODS key, or "bare"
-    library: str  # bare | adaptkit | peft
-    train_domains: list[str]
-    test_domains: list[str]
-
-    @property
-    def key(self) -> str:
-        return f"{self.domain}/{self.method}" + ("" if self.library != "peft" else "@peft")
-
-    @property
-    def family(self) -> str:
-        return "bare" if self.method == "bare" else METHODS[self.method][0]
-
-
-def plan(cfg: BenchConfig) -> list[Job]:
-    """Bare floor, full fine-tuning and every adapter per domain; peers; the mixed adapter."""
-    jobs = []
-    for i, domain in enumerate(cfg.domains):
-        everywhere = list(cfg.domains)
-        methods = cfg.methods if i == 0 or cfg.other_methods is None else cfg.other_methods
-        if cfg.cross and cfg.cross not in methods and len(cfg.domains) > 1:
-            methods = [*methods, cfg.cross]
-        jobs.append(Job(domain, "bare", "bare", [], everywhere))
-        for method in methods:
-            tests = everywhere if method == cfg.cross else [domain]
-            jobs.append(Job(domain, method, "adaptkit", [domain], tests))
-        if i == 0:
-            jobs += [Job(domain, method, "peft", [domain], [domain]) for method in cfg.peers]
-    if cfg.mixed and len(cfg.domains) > 1:
-        jobs.append(Job("mixed", cfg.mixed, "adaptkit", list(cfg.domains), list(cfg.domains)))
-    return jobs
-
+from adaptkit.training.trainer import train
 
 # -- data ---------------------------------------------------------------------------------------
 
 def load_domain_data(cfg: BenchConfig) -> dict[str, dict[str, Any]]:
     """Each domain's train split and the first eval/test sentences of dev and test (shipped samples)."""
-    from adaptkit.data import load_pairs
-
     out = {}
     for domain in cfg.domains:
         dev, test = load_pairs(domain, "dev"), load_pairs(domain, "test")
@@ -197,64 +73,6 @@ def _rows_for(job: Job, data: dict[str, dict[str, Any]]) -> tuple[Any, Any]:
 
 # -- measuring ----------------------------------------------------------------------------------
 
-def current_rss() -> int:
-    """Resident bytes of this process now (Linux /proc; elsewhere the peak so far)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return peak_rss()
-
-
-def peak_rss() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, Linux KiB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-class RssSampler:
-    """Peak RSS in a window of an in-process run, sampled every few ms (ru_maxrss cannot be reset)."""
-
-    def __init__(self, every: float = 0.005):
-        self.every, self.peak, self._stop = every, current_rss(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss())
-            time.sleep(self.every)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def latency(generators: dict[str, Callable[[dict], Any]], inputs: list[dict], repeats: int,
-            device: torch.device) -> dict[str, float]:
-    """Median ms per sentence of each generator, run interleaved sentence by sentence (after a warm-up)."""
-    for generate in generators.values():
-        generate(inputs[0])
-    times: dict[str, list[float]] = {k: [] for k in generators}
-    for _ in range(repeats):
-        for one in inputs:
-            for key, generate in generators.items():
-                _sync(device)
-                start = time.perf_counter()
-                generate(one)
-                _sync(device)
-                times[key].append(1000 * (time.perf_counter() - start))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _dir_bytes(path: Path, suffix: str = ".safetensors") -> int:
     return sum(p.stat().st_size for p in Path(path).rglob(f"*{suffix}")) if Path(path).is_dir() else \
         Path(path).stat().st_size
@@ -273,8 +91,6 @@ def _backbone_bytes(model: torch.nn.Module) -> int:
 
 def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dict, work: Path) -> dict[str, Any]:
     """Load the backbone, train (or not), score and time one job; returns its record."""
-    from adaptkit.data import PromptFormat, prompt_inputs
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -320,8 +136,6 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
         record.update(_from_summary(summary))
         record["latency"] = _adaptkit_latency(model, job, lat_inputs, fixed, cfg, device, bare_ms)
     else:
-        from adaptkit.bench.peft_peer import train_peft
-
         train_rows, dev_rows = _rows_for(job, data)
         with RssSampler() as sampler:
             scorer, peer_record, peer_latency = train_peft(model, job.method, cfg, train_rows, dev_rows,
@@ -339,16 +153,12 @@ def run_job(job: Job, cfg: BenchConfig, load_model: Callable[[], Any], data: dic
 
 
 def _score(model: Any, route: Any, rows: Any, cfg: BenchConfig, prompt: Any) -> dict[str, float]:
-    from adaptkit.evaluation import evaluate
-
     return evaluate(model, rows, route, prompt=prompt, batch_size=cfg.eval_batch_size,
                     max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
                     max_target_len=cfg.max_target_len)
 
 
 def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev_rows: Any, work: Path) -> dict:
-    from adaptkit.training.trainer import train
-
     family, options = METHODS[job.method]
     options = dict(options)
     if family == "adalora":
@@ -365,14 +175,6 @@ def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev
 
 def _warmup(cfg: BenchConfig) -> int:
     return cfg.budget_steps // 10 if cfg.warmup_steps is None else cfg.warmup_steps
-
-
-def step_figures(step_seconds: list[float], step_tokens: list[int]) -> dict[str, Any]:
-    """Median step time and tokens/s over the training steps alone (evaluation excluded)."""
-    seconds = sum(step_seconds)
-    return {"steps": len(step_seconds), "step_seconds_median": statistics.median(step_seconds),
-            "step_seconds": [round(s, 4) for s in step_seconds], "train_seconds": round(seconds, 3),
-            "tokens_per_second": sum(step_tokens) / max(seconds, 1e-9)}
 
 
 def _from_summary(summary: dict) -> dict[str, Any]:
@@ -448,12 +250,8 @@ def run_benchmark(cfg: BenchConfig, load_model: Callable[[], Any] | None = None,
     `load_model` builds a fresh `AdaptedModel` per job (default: `ak.load(cfg.backbone)`); `data`
     maps each domain to its train / dev / test rows (default: the shipped samples).
     """
-    from adaptkit.bench.report import assemble, write_outputs
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize too
     if load_model is None:
-        from adaptkit.core.bank import load
-
         def load_model() -> Any:
             return load(cfg.backbone)
     if data is None:
@@ -510,35 +308,3 @@ def _one_line(r: dict) -> str:
     step = f"step {r['step_seconds_median']:.2f}s " if r.get("steps") else ""
     return (f"    {step}test BLEU {test.get('bleu', float('nan')):.1f} chrF {test.get('chrf', float('nan')):.1f} "
             f"peak RSS {r.get('peak_rss_bytes', 0) / 2**30:.2f} GiB ({r['job_seconds']:.0f}s)")
-
-
-# -- provenance ---------------------------------------------------------------------------------
-
-def environment() -> dict[str, Any]:
-    """Machine, library versions and git commit: what a reader needs to trust or redo the figures."""
-    import psutil
-
-    versions = {}
-    for package in ("adaptkit", "torch", "transformers", "peft", "accelerate", "datasets", "sacrebleu", "tokenizers"):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = None
-    root = Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
-                                  check=True).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    status = git("status", "--porcelain")
-    return {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "memory_bytes": psutil.virtual_memory().total, "python": platform.python_version()},
-        "versions": versions,
-        "git": {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None},
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from adaptkit.cli import main as adaptkit_main
 from adaptkit.corpora import (
     CORPORA,
     SAMPLE_SOURCES,
@@ -76,8 +77,6 @@ def add_corpus_commands(subparsers: argparse._SubParsersAction) -> argparse.Argu
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m adaptkit.cli.corpus build ...` = `adaptkit corpus build ...`."""
-    from adaptkit.cli import main as adaptkit_main
-
     return adaptkit_main(["corpus", *(sys.argv[1:] if argv is None else argv)])
 
 

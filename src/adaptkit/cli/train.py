@@ -10,66 +10,33 @@ flags given on the command line override it. Multi-process runs need nothing spe
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
-import re
 import sys
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
-from adaptkit.training.trainer import TrainConfig, read_config_file
-
-
-def _field_help() -> dict[str, str]:
-    """The trailing comment of each field in TrainConfig's source is its flag's help."""
-    helps = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        match = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2)
-    return helps
-
-
-def _flag_type(annotation: Any) -> Any:
-    """`int | None` → int; dicts are given as JSON on the command line."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        annotation = args[0]
-    if annotation is dict:
-        return json.loads
-    return annotation
+from adaptkit.cli import main as adaptkit_main
+from adaptkit.cli.flags import add_dataclass_flags, given
+from adaptkit.core.adapterfile import read_adapter_info
+from adaptkit.core.bank import AdaptedModel
+from adaptkit.data import PromptFormat, load_pairs
+from adaptkit.evaluation import evaluate
+from adaptkit.training.config import TrainConfig, read_config_file
+from adaptkit.training.trainer import train
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so only flags actually given override."""
-    hints = typing.get_type_hints(TrainConfig)
-    helps = _field_help()
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = _flag_type(hints[field.name])
-        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-        help_text = f"{helps.get(field.name, '')} (default: {default})".strip()
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=help_text)
-        else:
-            parser.add_argument(flag, dest=field.name, type=kind, default=argparse.SUPPRESS,
-                                metavar="JSON" if kind is json.loads else kind.__name__.upper(), help=help_text)
+    """One flag per TrainConfig field; only the flags given override the config file."""
+    add_dataclass_flags(parser, TrainConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update(given(args, TrainConfig))
     return TrainConfig.from_dict(values)
 
 
 def train_command(args: argparse.Namespace) -> int:
-    from adaptkit.training.trainer import train
-
     cfg = config_from_args(args)
     if cfg.backbone is None:
         print("error: no backbone: give --backbone NAME_OR_DIR or `backbone` in the config file", file=sys.stderr)
@@ -83,11 +50,6 @@ def train_command(args: argparse.Namespace) -> int:
 
 def eval_command(args: argparse.Namespace) -> int:
     """Score an adapter file, a full fine-tuned checkpoint (`--backbone DIR`) or the bare backbone."""
-    from adaptkit.core.adapterfile import read_adapter_info
-    from adaptkit.core.bank import AdaptedModel
-    from adaptkit.data import PromptFormat, load_pairs
-    from adaptkit.evaluation import evaluate
-
     training: dict[str, Any] = {}
     backbone = args.backbone
     if args.adapter:
@@ -154,8 +116,6 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m adaptkit.cli.train train ...` = `adaptkit train ...` (for `accelerate launch -m`)."""
-    from adaptkit.cli import main as adaptkit_main
-
     return adaptkit_main(argv)
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from adaptkit.cli import main as adaptkit_main
 from adaptkit.zoo import ZOO, ZooError, fetch, list_zoo, model_dir
 
 
@@ -51,8 +52,6 @@ def _add_actions(zoo: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m adaptkit.cli.zoo list` = `adaptkit zoo list`."""
-    from adaptkit.cli import main as adaptkit_main
-
     return adaptkit_main(["zoo", *(sys.argv[1:] if argv is None else argv)])
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import yaml
+
 from adaptkit.corpora.common import CorpusError, Subset, fetch_wheel, squash_spaces
 
 # --- chatterbot corpus (YAML dialogues) -------------------------------------------------
@@ -15,8 +17,6 @@ CHATTERBOT_LANGS = {"en": "english", "es": "spanish", "de": "german", "fr": "fre
 
 def chatterbot_pairs(yaml_dir: Path) -> Iterator[tuple[str, str, str]]:
     """Previous turn → reply, for every adjacent pair of turns in every conversation."""
-    import yaml
-
     for path in sorted(yaml_dir.glob("*.yml")):
         doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         for n, conv in enumerate(doc.get("conversations") or []):

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,6 @@ def fetch_debs(packages: Iterable[str], dest: Path) -> dict[str, Path]:
 
 def fetch_wheel(spec: str, dest: Path) -> Path:
     """`pip download --no-deps` one wheel and unzip it; returns the unpacked dir."""
-    import zipfile
-
     wheels = dest / "wheels"
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
                            "--quiet", "-d", str(wheels), spec], capture_output=True, text=True)

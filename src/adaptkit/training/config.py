@@ -6,10 +6,23 @@ The CLI derives one flag per field (`cli/train.py`); `ak.train(**options)` takes
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+import yaml
 
 from adaptkit.evaluation.scoring import MODES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 has no TOML reader: YAML config files still work
+    tomllib = None
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its help text, which the CLI shows for the field's flag."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"help": help})
 
 
 @dataclasses.dataclass
@@ -17,50 +30,55 @@ class TrainConfig:
     """Every training option. The CLI derives one flag per field (`--batch-size`, `--no-generate`)."""
 
     # what to train
-    backbone: str | None = None  # zoo name, local dir or Hub id (CLI; ak.train takes a loaded model)
-    adapter: str = "adapter"  # the adapter's name in the bank and in the file
-    method: str = "lora"  # family of a new adapter: lora | adalora | prefix | bottleneck
-    adapter_options: dict = dataclasses.field(default_factory=dict)  # the family's config, e.g. {"r": 16}
-    full: bool = False  # fine-tune the whole backbone instead (the baseline adapters are measured against)
+    backbone: str | None = option(None, help="zoo name, local dir or Hub id (CLI; ak.train takes a loaded model)")
+    adapter: str = option("adapter", help="the adapter's name in the bank and in the file")
+    method: str = option("lora", help="family of a new adapter: lora | adalora | prefix | bottleneck")
+    adapter_options: dict = option(factory=dict, help='the family\'s config, e.g. r=16,alpha=32 or \'{"r": 16}\'')
+    full: bool = option(False, help="fine-tune the whole backbone instead (the baseline adapters are measured against)")
     # data
-    data: str | None = None  # shipped sample name, directory of {train,dev,test}.jsonl, or a file
-    train_split: str = "train"
-    dev_split: str = "dev"
-    src_lang: str | None = None  # routing keys saved in the adapter file; default: the data's columns
-    tgt_lang: str | None = None
-    domain: str | None = None
-    prompt: str | None = None  # decoder LM prompt template (default: data.PromptFormat's)
-    chat_template: bool = False
-    max_source_len: int = 256
-    max_target_len: int = 256
+    data: str | None = option(None, help="shipped sample name, directory of {train,dev,test}.jsonl, or a file")
+    train_split: str = option("train", help="split to train on")
+    dev_split: str = option("dev", help="split to evaluate on during training")
+    src_lang: str | None = option(None, help="source language saved in the adapter file for routing "
+                                              "(default: the data's src_lang column)")
+    tgt_lang: str | None = option(None, help="target language saved for routing (default: the data's tgt_lang)")
+    domain: str | None = option(None, help="domain saved in the adapter file for routing")
+    prompt: str | None = option(None, help="decoder LM prompt template (default: data.PromptFormat's)")
+    chat_template: bool = option(False, help="decoder LMs: wrap the prompt in the tokenizer's chat template")
+    max_source_len: int = option(256, help="source tokens kept per row")
+    max_target_len: int = option(256, help="target tokens kept per row")
     # schedule
-    batch_size: int = 8  # per process
-    grad_accum: int = 1
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "linear"  # linear | cosine | constant
-    max_grad_norm: float | None = 1.0
-    mixed_precision: str = "auto"  # auto (bf16/fp16 where the hardware has it) | no | bf16 | fp16
-    seed: int = 0
+    batch_size: int = option(8, help="rows per step per process")
+    grad_accum: int = option(1, help="micro-batches accumulated into one optimizer step")
+    epochs: int = option(1, help="passes over the training data (unless max_steps is set)")
+    max_steps: int | None = option(None, help="optimizer steps; overrides epochs")
+    lr: float = option(2e-4, help="peak learning rate")
+    weight_decay: float = option(0.0, help="AdamW weight decay of matrices (never of biases and norms)")
+    warmup_steps: int = option(0, help="optimizer steps of linear warm-up to the peak rate")
+    schedule: Literal["linear", "cosine", "constant"] = option("linear", help="learning-rate decay after warm-up")
+    max_grad_norm: float | None = option(1.0, help="clip the gradient norm to this (none: no clipping)")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = option(
+        "auto", help="auto: bf16 or fp16 where the hardware has it, else full precision")
+    seed: int = option(0, help="seed of the adapter's initialisation and the data order")
     # evaluation
-    eval_every: int | None = 100  # optimizer steps; the run also evaluates at its end
-    eval_samples: int | None = None  # first N dev rows only
-    eval_batch_size: int = 16
-    generate: bool = True  # BLEU / chrF / TER of generated translations, not just the loss
-    num_beams: int = 1
-    max_new_tokens: int = 128
-    metric: str | None = None  # early stopping / best: loss | bleu | chrf | ter (default chrf, or loss)
-    patience: int | None = None  # evaluations without improvement before stopping
-    min_delta: float = 0.0
-    slice_head: bool = True  # decoder LMs: LM head only at target positions (exact, much faster)
+    eval_every: int | None = option(100, help="optimizer steps between evaluations; the run also evaluates "
+                                              "at its end (none: only at the end)")
+    eval_samples: int | None = option(None, help="first N dev rows only")
+    eval_batch_size: int = option(16, help="rows per evaluation batch")
+    generate: bool = option(True, help="BLEU / chrF / TER of generated translations, not just the loss")
+    num_beams: int = option(1, help="beams when generating for evaluation")
+    max_new_tokens: int = option(128, help="new tokens at most per generated translation")
+    metric: str | None = option(None, help="early stopping and the best adapter: loss | bleu | chrf | ter "
+                                            "(default chrf, or loss without --generate)")
+    patience: int | None = option(None, help="evaluations without improvement before stopping (none: never stop)")
+    min_delta: float = option(0.0, help="the least change of the metric that counts as an improvement")
+    slice_head: bool = option(True, help="decoder LMs: LM head only at target positions (exact, much faster)")
     # output
-    output_dir: str | None = None  # default runs/<adapter>
-    checkpoint_every: int | None = None  # default: eval_every; 0 = never
-    resume: bool = True  # continue from output_dir/checkpoints if present
-    progress: bool = True
+    output_dir: str | None = option(None, help="where the adapter and checkpoints go (default runs/<adapter>)")
+    checkpoint_every: int | None = option(None, help="optimizer steps between checkpoints (default: eval_every; "
+                                                      "0: never)")
+    resume: bool = option(True, help="continue from output_dir/checkpoints if present")
+    progress: bool = option(True, help="show a progress bar")
 
     def __post_init__(self) -> None:
         if self.schedule not in ("linear", "cosine", "constant"):
@@ -104,12 +122,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A TOML (`.toml`) or YAML (`.yaml`/`.yml`) file of TrainConfig fields; `[train]` may wrap them."""
     path = Path(path)
     if path.suffix == ".toml":
-        import tomllib
-
+        if tomllib is None:
+            raise ValueError(f"{path.name}: TOML config files need Python 3.11 or later; use a .yaml file")
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     elif path.suffix in (".yaml", ".yml"):
-        import yaml
-
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     else:
         raise ValueError(f"config files are .toml, .yaml or .yml; got {path.name!r}")
