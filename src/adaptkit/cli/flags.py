@@ -10,8 +10,9 @@ Each field is one flag (`batch_size` → `--batch-size`) whose help is the field
                             `--methods full,lora-r8`); `none` alone is the empty list
     dict, dict[K, V]        a JSON object, or `key=value,...` pairs (values typed by V, else read as JSON)
 
-Defaults are shown in the help but not set on the namespace, so `given(args, Config)` holds only
-the flags actually typed: they are laid over a config file's values, never reset them to defaults.
+Defaults are shown in the help (unless the help explains its own) but not set on the namespace,
+so `given(args, Config)` holds only the flags actually typed: they are laid over a config file's
+values, never reset them to defaults.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ def add_dataclass_flags(parser: argparse.ArgumentParser | argparse._ArgumentGrou
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         help_text = field.metadata.get("help", "")
-        shown = f"{help_text} (default: {_show(_default(field))})".strip().replace("%", "%%")  # argparse %-formats
+        if "default" not in help_text:  # a help that explains its default (`default: the data's column`) keeps it
+            help_text = f"{help_text} (default: {_show(_default(field))})".strip()
+        shown = help_text.replace("%", "%%")  # argparse %-formats help
         kwargs: dict[str, Any] = {"dest": field.name, "default": argparse.SUPPRESS, "help": shown}
         kind = _flag_kind(hints[field.name], f"{cls.__name__}.{field.name}")
         if kind.boolean:

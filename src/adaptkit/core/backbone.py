@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers as tf
 from torch import nn
 
 from adaptkit import zoo
@@ -21,8 +22,6 @@ PROBE_VALUES = 16
 
 
 def _auto_class(config) -> type:
-    import transformers as tf
-
     if getattr(config, "is_encoder_decoder", False):
         return tf.AutoModelForSeq2SeqLM
     architectures = getattr(config, "architectures", None) or []
@@ -36,8 +35,6 @@ def _auto_class(config) -> type:
 def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer or None, backbone id) from a zoo name, a local directory or a Hub id."""
-    import transformers as tf
-
 
     backbone_id = str(name_or_path)
     path = zoo.resolve(name_or_path)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from adaptkit import corpora
 from adaptkit import data as D
@@ -254,8 +255,6 @@ class Recipe:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
         cfg, acc, state = self.cfg, self.accelerator, self.state
         started, tokens_at_start = time.perf_counter(), state.tokens
         bar = tqdm(total=self.total_steps, initial=state.step, desc="full" if cfg.full else cfg.adapter,
@@ -361,8 +360,6 @@ class Recipe:
             with self.log_path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(entry) + "\n")
             if cfg.progress:
-                from tqdm.auto import tqdm
-
                 tqdm.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in results.items()))
 
     # -- save -----------------------------------------------------------------------------------
