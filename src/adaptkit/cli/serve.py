@@ -1,0 +1,80 @@
+"""`adaptkit serve`: the HTTP service over one backbone and an adapter store (FastAPI in uvicorn).
+
+    adaptkit serve --store adapters/ --adapter runs/demo/*/*.safetensors     # gemma3-270m, demo adapters
+    adaptkit serve --backbone gemma3-270m --store adapters/ --max-resident 8 --api-key-file keys.txt
+
+`--adapter FILE` copies adapter files into the store at start-up (checked like an upload, under the
+name in their header). Needs the `serve` extra: pip install 'adaptkit[serve]'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from adaptkit.cli import main as adaptkit_main
+from adaptkit.cli.flags import add_dataclass_flags, given
+from adaptkit.core.bank import load
+from adaptkit.core.errors import AdapterError
+from adaptkit.serving.catalog import AdapterCatalog
+from adaptkit.serving.settings import ServeSettings, load_api_keys
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from adaptkit.serving.app import create_app
+    except ModuleNotFoundError as error:
+        print(f"error: {error.name} is missing; install the service's dependencies: pip install 'adaptkit[serve]'",
+              file=sys.stderr)
+        return 2
+    try:
+        keys = load_api_keys(args.api_key_file) if args.api_key_file else ()
+        settings = ServeSettings(**given(args, ServeSettings))
+        model = load(args.backbone, store=args.store, max_resident=args.max_resident, dtype=args.dtype,
+                     device=args.device)
+        catalog = AdapterCatalog(model.store)
+        for path in args.adapter or ():
+            entry = catalog.install(model, Path(path).read_bytes(), None, replace=True)
+            print(f"adapter {entry.name!r} ({entry.info['method']}) from {path} → {model.store.root}", file=sys.stderr)
+    except (AdapterError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without --api-key-file: anyone who reaches it can use it and "
+              "upload or delete adapters", file=sys.stderr)
+    app = create_app(model, settings=settings, api_keys=keys)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("serve", help="HTTP service: translations from many adapters, batched together",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="gemma3-270m", help="zoo name, local dir or Hub id")
+    parser.add_argument("--store", default="adapters", help="the adapter store directory (default: %(default)s)")
+    parser.add_argument("--adapter", nargs="+", action="extend", metavar="FILE",
+                        help="adapter files to copy into the store at start-up, under the names in their headers")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-resident", type=int, default=None,
+                        help="adapters kept in memory at most; others are loaded from the store when asked for")
+    parser.add_argument("--api-key-file", help="one key per line; then every route but /healthz needs "
+                                               "'Authorization: Bearer <key>'")
+    parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    limits = parser.add_argument_group("batching and limits")
+    add_dataclass_flags(limits, ServeSettings)
+    parser.set_defaults(func=serve_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m adaptkit.cli.serve ...` = `adaptkit serve ...`."""
+    return adaptkit_main(["serve", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Prometheus metrics of one service instance, in its own registry (two apps in one process stay apart)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ROUTES = ("/v1/translate", "/v1/generate", "/v1/adapters", "/healthz", "/readyz", "/metrics", "/docs",
+          "/openapi.json")
+
+
+def route_label(path: str) -> str:
+    """A fixed set of labels: raw paths from clients would let anyone grow the label set without bound."""
+    for route in ROUTES:
+        if path == route or path.startswith(route + "/"):
+            return route
+    return "other"
+
+
+class ServeMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("adaptkit_requests", "Accepted requests, by route and adapter (once per adapter a "
+                                "request uses)", ["route", "adapter"], registry=r)
+        self.errors = Counter("adaptkit_errors", "Error answers, by route, adapter ('' when none was resolved) and "
+                              "error code", ["route", "adapter", "code"], registry=r)
+        self.responses = Counter("adaptkit_http_responses", "HTTP responses by route and status", ["route", "status"],
+                                 registry=r)
+        self.latency = Histogram("adaptkit_request_seconds", "Request latency, arrival to response", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("adaptkit_queue_depth", "Rows waiting to be scheduled", registry=r)
+        self.batch_rows = Histogram("adaptkit_batch_rows", "Rows per generate call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.batch_adapters = Histogram("adaptkit_batch_adapters", "Distinct adapters per generate call",
+                                        buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
+        self.batch_seconds = Histogram("adaptkit_batch_seconds", "Seconds per generate call",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.resident = Gauge("adaptkit_resident_adapters", "Adapters resident in the bank now", registry=r)
+        self.resident_peak = Gauge("adaptkit_resident_adapters_peak", "Most adapters seen resident at once",
+                                   registry=r)
+        self.loads = Counter("adaptkit_adapter_loads", "Adapter loads from the store, by outcome", ["outcome"],
+                             registry=r)
+        self.evictions = Counter("adaptkit_adapter_evictions", "Adapters evicted to make room", registry=r)
+        self.load_seconds = Histogram("adaptkit_adapter_load_seconds", "Seconds per adapter load (read, check, attach)",
+                                      buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                      registry=r)
+
+    def track(self, queue_depth: Callable[[], float], resident: Callable[[], float]) -> None:
+        """Gauges read at scrape time from the live objects."""
+        self.queue_depth.set_function(queue_depth)
+        self.resident.set_function(resident)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,81 @@
+"""The service's knobs and limits, and the errors it answers with (status, code, message, limit)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adaptkit.core.errors import AdapterError
+
+
+def _knob(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Batching, queueing and request limits; each is an `adaptkit serve` flag. API keys are not here (they
+    come from a file, never from the command line); `max_resident` lives on the model."""
+
+    max_batch: int = _knob(16, "rows in one generate call")
+    max_wait_ms: float = _knob(10.0, "how long the oldest waiting row waits for others to batch with")
+    max_queue: int = _knob(512, "rows waiting at most; beyond, requests get 503 with Retry-After")
+    max_adapters_per_batch: int | None = _knob(None, "distinct adapters in one generate call (1: no "
+                                                     "cross-adapter batching; none: no limit)")
+    max_body_bytes: int = _knob(1 << 20, "largest JSON request body (413 beyond)")
+    max_upload_bytes: int = _knob(256 << 20, "largest adapter upload (413 beyond)")
+    max_texts: int = _knob(64, "texts or prompts in one request (422 beyond)")
+    max_text_chars: int = _knob(4000, "characters in one text (422 beyond)")
+    max_new_tokens_limit: int = _knob(512, "largest max_new_tokens a request may ask for")
+    max_beams: int = _knob(8, "largest num_beams a request may ask for")
+    default_max_new_tokens: int = _knob(128, "max_new_tokens when a request gives none")
+    default_num_beams: int = _knob(1, "num_beams when a request gives none (1: greedy)")
+    retry_after_s: int = _knob(1, "the Retry-After of a 503 when the queue is full")
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_new_tokens_limit", "max_beams",
+                     "max_body_bytes", "max_upload_bytes"):
+            if getattr(self, name) < 1:
+                raise AdapterError(f"ServeSettings.{name} must be at least 1; got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise AdapterError(f"ServeSettings.max_wait_ms must be >= 0; got {self.max_wait_ms}")
+        if self.max_adapters_per_batch is not None and self.max_adapters_per_batch < 1:
+            raise AdapterError("ServeSettings.max_adapters_per_batch must be >= 1 or None (no limit)")
+
+
+def load_api_keys(path: str | Path) -> tuple[str, ...]:
+    """One key per line; blank lines and `#` comments ignored. An empty file is refused: it would lock
+    everyone out while looking configured."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise AdapterError(f"cannot read the API key file {str(path)!r}: {error}") from None
+    keys = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise AdapterError(f"the API key file {str(path)!r} holds no keys; put one key per line")
+    short = [i for i, key in enumerate(keys) if len(key) < 16]
+    if short:
+        raise AdapterError(f"API keys must be at least 16 characters (key #{short[0] + 1} in {path.name} is "
+                           "shorter); generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    return keys
+
+
+class ApiError(Exception):
+    """An answer the client gets as JSON: {"error": {"code", "message", "limit"?}} with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str, *, limit: tuple[str, int] | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.limit = limit
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.limit is not None:
+            error["limit"] = {"name": self.limit[0], "value": self.limit[1]}
+        return {"error": error}

@@ -1,0 +1,114 @@
+"""The units of work: a request (`Job`) is rows; compatible rows of many jobs run as one generate call.
+
+Rows are compatible when they share a `BatchKey` (task kind and generation settings); their adapters
+may all differ — per-row routing is what lets requests for different adapters share a forward. A
+job's result goes back to the event loop it came from through an asyncio future, set thread-safely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from adaptkit.core.bank import AdaptedModel
+from adaptkit.serving.settings import ApiError
+from adaptkit.tasks.generate import Generator
+from adaptkit.tasks.translate import Translator
+
+Kind = Literal["translate", "generate"]
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """Rows with equal keys may share one generate call."""
+
+    kind: Kind
+    num_beams: int
+    max_new_tokens: int
+
+
+@dataclass(eq=False)
+class Row:
+    job: Job
+    index: int
+    key: BatchKey
+    adapter: str | None
+    text: str
+    src_lang: str | None = None
+    tgt_lang: str | None = None
+    task: str | None = None  # generate rows: translate | style | dialogue (the prompt the adapter was trained with)
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Job:
+    """One request's rows. Worker threads fill it; the event loop awaits `future`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int):
+        self.loop = loop
+        self.future: asyncio.Future[list[str]] = loop.create_future()
+        self.results: list[str | None] = [None] * size
+        self.remaining = size
+        self.cancelled = False  # the client went away: rows not yet scheduled are dropped
+        self.submitted = time.perf_counter()
+        self.first_batch: float | None = None
+        self.compute_seconds = 0.0
+        self.batches = 0
+
+    @property
+    def done(self) -> bool:
+        return self.future.done() or self.remaining <= 0
+
+    def started_batch(self, at: float) -> None:
+        if self.first_batch is None:
+            self.first_batch = at
+        self.batches += 1
+
+    def set_rows(self, indices: Sequence[int], texts: Sequence[str], seconds: float) -> None:
+        """Called on the worker thread (under the scheduler's lock) for this job's rows of one batch."""
+        self.compute_seconds += seconds
+        for index, text in zip(indices, texts):
+            self.results[index] = text
+        self.remaining -= len(indices)
+        if self.remaining <= 0:
+            self._call(lambda: self.future.done() or self.future.set_result(list(self.results)))
+
+    def fail(self, error: BaseException) -> None:
+        self.remaining = 0
+        self._call(lambda: self.future.done() or self.future.set_exception(error))
+
+    def _call(self, fn: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn)
+        except RuntimeError:  # the event loop is closed: the server is shutting down, nobody waits
+            pass
+
+    def timings(self) -> dict[str, float]:
+        now = time.perf_counter()
+        queued = (self.first_batch if self.first_batch is not None else now) - self.submitted
+        return {"queue_ms": round(1000 * queued, 2), "compute_ms": round(1000 * self.compute_seconds, 2),
+                "total_ms": round(1000 * (now - self.submitted), 2), "batches": self.batches}
+
+
+class BatchRunner:
+    """Rows of one key → one generate call with one adapter entry per row: `Translator` for translations
+    (prompt by language pair), `Generator` for the rest (prompt by each row's task)."""
+
+    def __init__(self, model: AdaptedModel, max_batch: int):
+        if model.tokenizer is None:
+            raise ApiError(500, "no_tokenizer", "the backbone was loaded without a tokenizer; the service needs one")
+        self.model = model
+        self.translator = Translator(model, batch_size=max_batch)
+        self.generator = Generator(model, batch_size=max_batch)
+
+    def run(self, key: BatchKey, rows: Sequence[Row]) -> list[str]:
+        adapters = [row.adapter for row in rows]
+        if key.kind == "translate":
+            return self.translator.translate([r.text for r in rows], [r.src_lang for r in rows],
+                                             [r.tgt_lang for r in rows], adapter=adapters, num_beams=key.num_beams,
+                                             max_new_tokens=key.max_new_tokens)
+        return self.generator.generate([r.text for r in rows], adapter=adapters, task=[r.task for r in rows],
+                                       src_lang=[r.src_lang for r in rows], tgt_lang=[r.tgt_lang for r in rows],
+                                       num_beams=key.num_beams, max_new_tokens=key.max_new_tokens)

@@ -1,0 +1,436 @@
+"""The HTTP service, for real: `adaptkit serve` in its own process on 127.0.0.1, spoken to with httpx.
+
+One server for the module (a tiny llama, 8 adapters of all four families in a store, at most 3
+resident, API keys). Every answer is compared with the same request served alone by a `Translator`
+in this process. Error answers are checked for their status, JSON code and named limit, and the
+service must answer correctly afterwards. The scheduler's queue bound and cancellation are checked
+in-process, without a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("prometheus_client")
+httpx = pytest.importorskip("httpx")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+import adaptkit as ak  # noqa: E402
+from adaptkit.cli import main as adaptkit_main  # noqa: E402
+from adaptkit.serving.catalog import AdapterCatalog  # noqa: E402
+from adaptkit.serving.scheduler import Scheduler  # noqa: E402
+from adaptkit.serving.settings import ApiError, ServeSettings  # noqa: E402
+from adaptkit.serving.work import BatchKey, Job, Row  # noqa: E402
+from adaptkit.tasks.generate import Generator  # noqa: E402
+from adaptkit.tasks.translate import Translator  # noqa: E402
+from test_train import tiny_tokenizer  # noqa: E402
+from tiny import tiny_model  # noqa: E402
+
+KEYS = ["key-one-0123456789abcdef", "key-two-0123456789abcdef"]
+CONFIGS = [ak.LoRA(r=4, targets="all-linear"), ak.AdaLoRA(init_r=4, target_r=2, total_steps=10),
+           ak.Prefix(length=3), ak.Bottleneck(reduction=4, placement="houlsby"),
+           ak.LoRA(r=2, targets="attention"), ak.AdaLoRA(init_r=2, target_r=1, total_steps=10),
+           ak.Prefix(length=5), ak.Bottleneck(reduction=8, placement="pfeiffer")]
+NAMES = [f"en-de/d{i}-{config.method}" for i, config in enumerate(CONFIGS)]
+MAX_RESIDENT = 3
+MAX_TEXTS = 8
+MAX_TEXT_CHARS = 200
+MAX_BODY = 16_384
+GEN = dict(num_beams=1, max_new_tokens=6)
+
+
+def words(rng: random.Random) -> str:
+    return " ".join(f"a{rng.randrange(30)}" for _ in range(rng.randint(2, 6)))
+
+
+def build_store(root: Path) -> tuple[Path, Path, ak.AdaptedModel]:
+    """A saved tiny backbone, a store of 8 adapters with random weights, and a reference model over both."""
+    backbone = root / "backbone"
+    model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
+    model.model.save_pretrained(backbone)
+    model.tokenizer.save_pretrained(backbone)
+    store = root / "store"
+    reference = ak.load(backbone, store=store)
+    generator = torch.Generator().manual_seed(11)
+    for i, (name, config) in enumerate(zip(NAMES, CONFIGS)):
+        reference.add_adapter(name, config)
+        with torch.no_grad():
+            for p in reference.adapter_parameters(name):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        reference.save_adapter(name, src_lang="en", tgt_lang="de", domain=f"d{i}")
+    return backbone, store, reference
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Service:
+    def __init__(self, url: str, store: Path, reference: ak.AdaptedModel, backbone: Path, log: Path):
+        self.url, self.store, self.reference, self.backbone, self.log = url, store, reference, backbone, log
+        self.translator = Translator(reference)
+        self.headers = {"Authorization": f"Bearer {KEYS[0]}"}
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=120, **kwargs)
+
+    def expected(self, texts: list[str], adapter: str, **gen) -> list[str]:
+        """The request served alone, in this process."""
+        return self.translator.translate(texts, "en", "de", adapter=adapter, **{**GEN, **gen})
+
+    def metrics(self) -> dict[str, float]:
+        with self.client() as client:
+            text = client.get("/metrics").text
+        return {sample.name + _labels(sample.labels): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else ""
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory) -> Service:
+    root = tmp_path_factory.mktemp("serving")
+    backbone, store, reference = build_store(root)
+    keys = root / "keys.txt"
+    keys.write_text("# two clients\n" + "\n".join(KEYS) + "\n")
+    port = free_port()
+    log = root / "server.log"
+    command = [sys.executable, "-m", "adaptkit.cli.serve", "--backbone", str(backbone), "--store", str(store),
+               "--port", str(port), "--max-resident", str(MAX_RESIDENT), "--max-batch", "16", "--max-wait-ms", "30",
+               "--api-key-file", str(keys), "--max-texts", str(MAX_TEXTS), "--max-text-chars", str(MAX_TEXT_CHARS),
+               "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                break
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the server did not start in 300 s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the references are tiny: more threads only contend with the server on a busy box
+    yield Service(url, store, reference, backbone, log)
+    torch.set_num_threads(threads)
+    process.terminate()
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def assert_error(response: httpx.Response, status: int, code: str, limit: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"], error
+    if limit is not None:
+        assert error["limit"]["name"] == limit and error["limit"]["value"] > 0, error
+    return error
+
+
+def check_still_serving(service: Service) -> None:
+    texts = ["a1 a2 a3", "a4 a5"]
+    with service.client() as client:
+        response = client.post("/v1/translate", json={"texts": texts, "src_lang": "en", "tgt_lang": "de",
+                                                      "domain": "d2", **GEN})
+    assert response.status_code == 200, response.text
+    assert response.json()["translations"] == service.expected(texts, NAMES[2])
+
+
+# -- batching across adapters ---------------------------------------------------------------------
+
+def test_concurrent_requests_over_eight_adapters_equal_each_served_alone(service):
+    rng = random.Random(0)
+    requests = []
+    for j in range(64):
+        i = j % 8
+        texts = [words(rng) for _ in range(rng.randint(1, 2))]
+        body = {"texts": texts, "src_lang": "en", "tgt_lang": "de", **GEN}
+        if j % 2:
+            body["domain"] = f"d{i}"  # routed by the file header's routing keys
+        else:
+            body["adapter"] = NAMES[i]
+        if j % 16 == 5:
+            body["num_beams"] = 2  # other generation settings: a batch of their own
+        requests.append((body, NAMES[i]))
+
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=service.url, headers=service.headers, timeout=300,
+                                     limits=limits) as client:
+            return await asyncio.gather(*(client.post("/v1/translate", json=body) for body, _ in requests))
+
+    responses = asyncio.run(send_all())
+    outputs = set()
+    for (body, name), response in zip(requests, responses):
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert answer["adapters"] == [name] * len(body["texts"])
+        expected = service.expected(body["texts"], name, num_beams=body.get("num_beams", 1))
+        assert answer["translations"] == expected, (name, body)
+        assert answer["timings"]["total_ms"] >= answer["timings"]["compute_ms"] > 0
+        outputs.update(expected)
+    assert len(outputs) > 32, "the adapters must change what is generated"
+
+    metrics = service.metrics()
+    batches = metrics["adaptkit_batch_adapters_count"]
+    single = metrics["adaptkit_batch_adapters_bucket{le=1.0}"]
+    assert batches > single, "some generate calls must mix requests for different adapters"
+    assert metrics["adaptkit_batch_rows_sum"] >= sum(len(body["texts"]) for body, _ in requests)
+    assert batches < 64, "requests must share generate calls"
+    assert metrics["adaptkit_resident_adapters_peak"] <= MAX_RESIDENT
+    assert metrics["adaptkit_resident_adapters"] <= MAX_RESIDENT
+    assert metrics["adaptkit_adapter_loads_total{outcome=ok}"] >= 8
+    assert metrics["adaptkit_adapter_evictions_total"] >= 8 - MAX_RESIDENT
+    assert metrics[f"adaptkit_requests_total{{adapter={NAMES[3]},route=/v1/translate}}"] >= 8
+
+
+def test_residency_round_robin_keeps_at_most_k_resident_and_outputs_exact(service):
+    rng = random.Random(1)
+    with service.client() as client:
+        for _ in range(2):
+            for name in NAMES:
+                texts = [words(rng)]
+                response = client.post("/v1/translate", json={"texts": texts, "adapter": name, "src_lang": "en",
+                                                              "tgt_lang": "de", **GEN})
+                assert response.status_code == 200, response.text
+                assert response.json()["translations"] == service.expected(texts, name)
+                assert service.metrics()["adaptkit_resident_adapters"] <= MAX_RESIDENT
+            listing = client.get("/v1/adapters").json()
+            assert len(listing["resident"]) <= MAX_RESIDENT and listing["max_resident"] == MAX_RESIDENT
+    metrics = service.metrics()
+    assert metrics["adaptkit_resident_adapters_peak"] <= MAX_RESIDENT
+    assert metrics["adaptkit_adapter_load_seconds_count"] >= 16
+
+
+def test_generate_route_prompts_by_task(service):
+    prompts = ["a3 a4 a5", "a7"]
+    with service.client() as client:
+        response = client.post("/v1/generate", json={"prompts": prompts, "adapter": [NAMES[0], NAMES[2]],
+                                                     "task": "style", "max_new_tokens": 5})
+        no_task = client.post("/v1/generate", json={"prompts": prompts, "adapter": NAMES[0]})
+    assert response.status_code == 200, response.text
+    expected = Generator(service.reference).generate(prompts, adapter=[NAMES[0], NAMES[2]], task="style",
+                                                     src_lang="en", tgt_lang="de", max_new_tokens=5)
+    assert response.json()["outputs"] == expected
+    assert_error(no_task, 422, "no_task")
+
+
+# -- adapters: list, upload, delete --------------------------------------------------------------
+
+def test_adapter_listing(service):
+    with service.client() as client:
+        listing = client.get("/v1/adapters").json()
+    by_name = {a["name"]: a for a in listing["adapters"]}
+    assert set(NAMES) <= set(by_name)
+    assert {by_name[n]["method"] for n in NAMES} == {"lora", "adalora", "prefix", "bottleneck"}
+    assert by_name[NAMES[1]]["domain"] == "d1" and by_name[NAMES[1]]["src_lang"] == "en"
+    assert all(by_name[n]["num_parameters"] > 0 and by_name[n]["file_bytes"] > 0 for n in NAMES)
+
+
+def test_upload_translate_delete(service, tmp_path):
+    model = ak.load(service.backbone)
+    model.add_adapter("fresh", ak.LoRA(r=2, targets="all-linear"))
+    with torch.no_grad():
+        for p in model.adapter_parameters("fresh"):
+            p.normal_(0, 0.5, generator=torch.Generator().manual_seed(5))
+    path = model.save_adapter("fresh", tmp_path / "fresh.safetensors", src_lang="en", tgt_lang="de", domain="new")
+    texts = ["a9 a8 a7"]
+    expected = Translator(model).translate(texts, "en", "de", adapter="fresh", **GEN)
+    with service.client() as client:
+        created = client.post("/v1/adapters", params={"name": "uploads/fresh"}, content=path.read_bytes())
+        assert created.status_code == 201, created.text
+        assert created.json()["name"] == "uploads/fresh" and created.json()["method"] == "lora"
+        assert (service.store / "uploads" / "fresh.safetensors").read_bytes() == path.read_bytes()
+        again = client.post("/v1/adapters", params={"name": "uploads/fresh"}, content=path.read_bytes())
+        assert_error(again, 409, "adapter_exists")
+        body = {"texts": texts, "src_lang": "en", "tgt_lang": "de", "domain": "new", **GEN}
+        routed = client.post("/v1/translate", json=body)
+        assert routed.status_code == 200, routed.text
+        assert routed.json()["translations"] == expected and routed.json()["adapters"] == ["uploads/fresh"]
+        deleted = client.delete("/v1/adapters/uploads/fresh")
+        assert deleted.status_code == 200 and deleted.json() == {"deleted": "uploads/fresh"}
+        assert not (service.store / "uploads" / "fresh.safetensors").exists()
+        assert_error(client.post("/v1/translate", json=body), 404, "no_adapter_for_pair")
+        assert_error(client.delete("/v1/adapters/uploads/fresh"), 404, "unknown_adapter")
+    check_still_serving(service)
+
+
+def test_corrupt_upload_and_path_escape_are_refused_and_nothing_is_written(service):
+    good = (service.store / f"{NAMES[0]}.safetensors").read_bytes()
+    corrupt = bytearray(good)
+    corrupt[-3] ^= 0xFF  # a tensor byte: the header still parses, the checksum does not match
+    before = sorted(p.relative_to(service.store) for p in service.store.rglob("*"))
+    with service.client() as client:
+        refused = client.post("/v1/adapters", params={"name": "bad/corrupt"}, content=bytes(corrupt))
+        error = assert_error(refused, 422, "invalid_adapter_file")
+        assert "checksum" in error["message"] or "corrupt" in error["message"]
+        garbage = client.post("/v1/adapters", params={"name": "bad/garbage"}, content=b"\x80\x04not a file")
+        assert_error(garbage, 422, "invalid_adapter_file")
+        for name in ("../escaped", "a/../../escaped", "/etc/escaped"):
+            assert_error(client.post("/v1/adapters", params={"name": name}, content=good), 400, "bad_adapter_name")
+        assert_error(client.delete("/v1/adapters/..%2F..%2Fescaped"), 400, "bad_adapter_name")
+        assert_error(client.post("/v1/translate", json={"texts": ["a1"], "src_lang": "en", "tgt_lang": "de",
+                                                        "adapter": "../d0"}), 400, "bad_adapter_name")
+    assert sorted(p.relative_to(service.store) for p in service.store.rglob("*")) == before
+    assert not list(service.store.parent.rglob("escaped*"))
+    check_still_serving(service)
+
+
+def test_broken_file_in_the_store_fails_only_its_requests(service):
+    good = bytearray((service.store / f"{NAMES[1]}.safetensors").read_bytes())
+    good[-5] ^= 0xFF
+    broken = service.store / "broken" / "one.safetensors"
+    broken.parent.mkdir()
+    broken.write_bytes(bytes(good))
+    try:
+        with service.client() as client:
+            response = client.post("/v1/translate", json={"texts": ["a1 a2"], "src_lang": "en", "tgt_lang": "de",
+                                                          "adapter": "broken/one"})
+            error = assert_error(response, 500, "adapter_broken")
+            assert "broken/one" in error["message"] and "checksum" in error["message"]
+        check_still_serving(service)
+    finally:
+        broken.unlink()
+
+
+# -- bad requests ---------------------------------------------------------------------------------
+
+def test_bad_requests_get_documented_json_errors_and_service_goes_on(service):
+    base = {"src_lang": "en", "tgt_lang": "de", "domain": "d0"}
+    with service.client() as client:
+        bad_json = client.post("/v1/translate", content=b'{"texts": ["a1",', headers={"content-type":
+                                                                                       "application/json"})
+        assert_error(bad_json, 400, "bad_json")
+        assert_error(client.post("/v1/translate", json={"texts": ["a1"]}), 422, "invalid_request")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1"], "adapter": "en-de/nope"}),
+                     404, "unknown_adapter")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1"], "tgt_lang": "fr"}),
+                     404, "no_adapter_for_pair")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1"] * (MAX_TEXTS + 1)}),
+                     422, "too_many_texts", limit="max_texts")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1 " * (MAX_TEXT_CHARS // 3 + 1)]}),
+                     422, "text_too_long", limit="max_text_chars")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1"], "num_beams": 99}),
+                     422, "num_beams_too_large", limit="max_beams")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1", "a2"], "tgt_lang": ["de"]}),
+                     422, "per_row_length")
+        assert_error(client.post("/v1/translate", json={**base, "texts": ["a1" * MAX_BODY]}),
+                     413, "body_too_large", limit="max_body_bytes")
+    check_still_serving(service)
+
+
+def test_keys_are_required_everywhere_but_healthz(service):
+    body = {"texts": ["a1"], "src_lang": "en", "tgt_lang": "de", "domain": "d0", **GEN}
+    with httpx.Client(base_url=service.url, timeout=60) as anonymous:
+        assert anonymous.get("/healthz").status_code == 200
+        for method, path in (("POST", "/v1/translate"), ("GET", "/v1/adapters"), ("GET", "/metrics"),
+                             ("GET", "/readyz"), ("GET", "/openapi.json"), ("DELETE", f"/v1/adapters/{NAMES[0]}")):
+            response = anonymous.request(method, path, json=body if method == "POST" else None)
+            assert_error(response, 401, "unauthorized")
+            assert response.headers["www-authenticate"] == "Bearer"
+        for wrong in ("Bearer nope", f"Bearer {KEYS[0]}x", f"Basic {KEYS[0]}", KEYS[0], "Bearer"):
+            assert_error(anonymous.post("/v1/translate", json=body, headers={"Authorization": wrong}),
+                         401, "unauthorized")
+        second = anonymous.post("/v1/translate", json=body, headers={"Authorization": f"Bearer {KEYS[1]}"})
+        assert second.status_code == 200 and second.json()["translations"] == service.expected(["a1"], NAMES[0])
+    assert (service.store / f"{NAMES[0]}.safetensors").exists()
+
+
+def test_openapi_and_readiness(service):
+    with service.client() as client:
+        schema = client.get("/openapi.json").json()
+        ready = client.get("/readyz")
+    assert {"/v1/translate", "/v1/generate", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/readyz",
+            "/metrics"} <= set(schema["paths"])
+    for model in ("TranslateRequest", "TranslateResponse", "GenerateRequest", "AdapterInfo", "ErrorBody"):
+        assert model in schema["components"]["schemas"]
+    assert "413" in schema["paths"]["/v1/translate"]["post"]["responses"]
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+# -- the translate command: same routing as the service -------------------------------------------
+
+def test_translate_command_routes_like_the_service(service, tmp_path):
+    rng = random.Random(3)
+    texts = [words(rng) for _ in range(5)]
+    source = tmp_path / "in.txt"
+    source.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "out.txt"
+    code = adaptkit_main(["translate", "--store", str(service.store), "--backbone", str(service.backbone),
+                          "--src", "en", "--tgt", "de", "--domain", "d3", "--max-new-tokens", "6", "--quiet",
+                          str(source), "--out", str(out)])
+    assert code == 0
+    assert out.read_text().splitlines() == service.expected(texts, NAMES[3])
+    with service.client() as client:
+        served = client.post("/v1/translate", json={"texts": texts, "src_lang": "en", "tgt_lang": "de",
+                                                    "domain": "d3", **GEN}).json()["translations"]
+    assert served == out.read_text().splitlines()
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"text": "{t}", "domain": "d{i}"}}\n' for i, t in enumerate(texts)))
+    code = adaptkit_main(["translate", "--store", str(service.store), "--backbone", str(service.backbone),
+                          "--src", "en", "--tgt", "de", "--max-new-tokens", "6", "--quiet", str(rows),
+                          "--out", str(tmp_path / "rows.out.jsonl")])
+    assert code == 0
+    records = [json.loads(line) for line in (tmp_path / "rows.out.jsonl").read_text().splitlines()]
+    assert [r["adapter"] for r in records] == NAMES[:5]
+    assert [r["translation"] for r in records] == [service.expected([t], NAMES[i])[0] for i, t in enumerate(texts)]
+    assert adaptkit_main(["translate", "--store", str(service.store), "--backbone", str(service.backbone),
+                          "--src", "en", "--tgt", "fr", "--quiet", str(source)]) == 2
+
+
+# -- the scheduler in-process: queue bound, cancellation ------------------------------------------
+
+def test_queue_bound_and_cancelled_rows_never_run(tmp_path):
+    model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"), store=tmp_path)
+    scheduler = Scheduler(model, AdapterCatalog(model.store), ServeSettings(max_queue=4, max_wait_ms=0))
+    key = BatchKey("translate", 1, 4)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        first = Job(loop, 3)
+        scheduler.submit(first, [Row(first, i, key, None, "a1 a2", "en", "de") for i in range(3)])
+        second = Job(loop, 2)
+        with pytest.raises(ApiError) as full:
+            scheduler.submit(second, [Row(second, i, key, None, "a1", "en", "de") for i in range(2)])
+        assert full.value.status == 503 and full.value.code == "queue_full"
+        assert full.value.headers["Retry-After"] == "1" and full.value.limit == ("max_queue", 4)
+        scheduler.cancel(first)  # the client went away before the worker started
+        assert scheduler.queue_depth == 0
+        kept = Job(loop, 1)
+        scheduler.submit(kept, [Row(kept, 0, key, None, "a3 a4", "en", "de")])
+        scheduler.start()
+        try:
+            result = await asyncio.wait_for(kept.future, 60)
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+        assert result == Translator(model).translate(["a3 a4"], "en", "de", adapter=None, num_beams=1,
+                                                     max_new_tokens=4)
+        assert scheduler.batches_run == 1 and not first.future.done()
+
+    asyncio.run(scenario())
