@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import adaptkit as ak
-from tiny import ARCHS, tiny_batch, tiny_model
+from tiny import ARCHS, VOCAB, tiny_batch, tiny_model
 
 SCHEDULE = dict(init_r=4, target_r=2, total_steps=8, tinit=2, tfinal=2, delta_t=1, alpha=8.0)
 
@@ -173,3 +173,68 @@ def test_allocator_matches_peft():
     pattern = reference.peft_config["default"].rank_pattern
     for path, update in adapter.site_items():
         assert update.kept.tolist() == pattern[f"{path}.lora_E.default"]
+
+
+# -- the trainer fits the schedule to its run ------------------------------------------------------
+
+def word_tokenizer():
+    """Word-level tokenizer over the tiny models' vocabulary: BOS in front, as a decoder LM's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+def word_pairs(n: int = 16) -> list[dict[str, str]]:
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(n):
+        idx = torch.randint(0, 40, (4,), generator=g).tolist()
+        rows.append({"src": " ".join(f"w{i}" for i in idx), "tgt": " ".join(f"w{i + 40}" for i in idx)})
+    return rows
+
+
+def run_trainer(config: ak.AdaLoRA, max_steps: int, out) -> tuple[ak.AdaptedModel, dict]:
+    from datasets import Dataset
+
+    model = ak.AdaptedModel(tiny_model("llama"), word_tokenizer())
+    summary = ak.train(model, "a", Dataset.from_list(word_pairs()), adapter_config=config, max_steps=max_steps,
+                       batch_size=4, lr=1e-2, eval_every=None, generate=False, progress=False, resume=False,
+                       output_dir=str(out))
+    return model, summary
+
+
+@pytest.mark.parametrize("max_steps", [2, 7])
+def test_the_trainer_fits_the_budget_schedule_to_the_run(max_steps, tmp_path):
+    """ak.train(max_steps=N) on an AdaLoRA left at total_steps=1000: the schedule spans the N steps and ends
+    at target_r per module, and the file says total_steps=N. (Before on_train_begin it stayed at 1000: the
+    budget never moved from init_r and the file claimed a 1000-step schedule.)"""
+    model, summary = run_trainer(ak.AdaLoRA(init_r=4, target_r=2, targets="all-linear"), max_steps, tmp_path)
+    adapter = model.get_adapter("a")
+    assert summary["steps"] == max_steps and adapter.finished
+    assert adapter.config.total_steps == max_steps
+    assert (adapter.config.tinit, adapter.config.tfinal) == (max_steps // 10, max(1, max_steps // 5))
+    assert sum(adapter.ranks().values()) == 2 * len(adapter.targets)
+    info = ak.read_adapter_info(summary["output"])
+    assert info["config"]["total_steps"] == max_steps
+    assert sum(info["config"]["rank_pattern"].values()) == 2 * len(adapter.targets)
+
+
+def test_explicit_schedule_phases_that_do_not_fit_the_run_are_refused(tmp_path):
+    with pytest.raises(ak.AdapterError, match=r"cannot fit its schedule to a run of 5 steps: .*tinit=4, tfinal=3"):
+        run_trainer(ak.AdaLoRA(init_r=4, target_r=2, tinit=4, tfinal=3), 5, tmp_path)
+    with pytest.raises(ak.AdapterError, match=r"tfinal=0: .* never .*fixed; use tfinal >= 1"):
+        run_trainer(ak.AdaLoRA(init_r=4, target_r=2, total_steps=5, tinit=1, tfinal=0), 5, tmp_path)
+
+
+def test_explicit_phases_are_kept_and_defaults_follow_the_run():
+    explicit = ak.AdaLoRA(total_steps=100, tinit=7, tfinal=3).for_steps(50)
+    assert (explicit.total_steps, explicit.tinit, explicit.tfinal) == (50, 7, 3)
+    derived = ak.AdaLoRA(total_steps=100, tinit=7).for_steps(50)
+    assert (derived.tinit, derived.tfinal) == (7, 10)
+

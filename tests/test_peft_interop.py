@@ -1,5 +1,6 @@
-"""peft parity and peft directories: the same weights give peft's logits, exports load in peft,
-peft's own saves import here, and pickles are refused."""
+"""peft parity and peft directories: the same weights give peft's logits, exports load in peft and
+name the backbone's Hub id, peft's own saves import here (prefixes exactly where the docs say, with a
+warning where not), and pickles are refused."""
 
 import json
 import warnings
@@ -12,6 +13,9 @@ from tiny import tiny_batch, tiny_model
 
 peft = pytest.importorskip("peft")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from adaptkit import zoo  # noqa: E402
+from adaptkit.methods.prefix import PeftImportWarning  # noqa: E402
 
 ARCHS = ["llama", "gpt2", "bart", "t5"]
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bart": "SEQ_2_SEQ_LM", "t5": "SEQ_2_SEQ_LM"}
@@ -128,22 +132,46 @@ def test_adalora_parity_export_and_import(arch, tmp_path):
     torch.testing.assert_close(logits(model, batch, adapter=name), logits(reference, batch), atol=1e-5, rtol=0)
 
 
-def test_prefix_tuning_import_matches_peft(tmp_path):
+def peft_prefix(arch: str, length: int, where) -> peft.PeftModel:
+    trained = peft.get_peft_model(tiny_model(arch), peft.PrefixTuningConfig(
+        num_virtual_tokens=length, task_type=TASK.get(arch, "CAUSAL_LM")))
+    trained.save_pretrained(str(where))
+    return peft.PeftModel.from_pretrained(tiny_model(arch), str(where)).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_prefix_tuning_import_matches_peft(arch, tmp_path):
     """peft's prefix sits in the KV cache, so the real tokens' positions start after it: pass them."""
-    batch = tiny_batch("llama")
+    batch = tiny_batch(arch)
     length = 3
-    trained = peft.get_peft_model(tiny_model("llama"), peft.PrefixTuningConfig(
-        num_virtual_tokens=length, task_type="CAUSAL_LM"))
-    trained.save_pretrained(str(tmp_path / "prefix"))
-    reference = peft.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "prefix")).eval()
-    model = ak.AdaptedModel(tiny_model("llama"))
-    name = ak.import_peft(tmp_path / "prefix", model)
+    reference = peft_prefix(arch, length, tmp_path / "prefix")
+    model = ak.AdaptedModel(tiny_model(arch))
+    with pytest.warns(PeftImportWarning, match=r"only in a forward given position_ids = arange\(3, 3 \+ sequence "
+                      r"length\), not in generate"):
+        name = ak.import_peft(tmp_path / "prefix", model)
     assert model.get_adapter(name).method == "prefix"
     rows, seq = batch["input_ids"].shape
     positions = torch.arange(length, length + seq).expand(rows, -1)
     ours = logits(model, batch, adapter=name, position_ids=positions)
     assert not torch.allclose(ours, logits(model, batch, adapter=None, position_ids=positions), atol=1e-3)
     torch.testing.assert_close(ours, logits(reference, batch), atol=1e-5, rtol=0)
+
+
+def test_prefix_import_is_exact_on_sliding_window_layers_only_within_the_window(tmp_path):
+    """Gemma 3 (window 4 on two of three layers), prefix of 2: exact while 2 + length <= 4, different past it."""
+    reference = peft_prefix("gemma3", 2, tmp_path / "prefix")
+    model = ak.AdaptedModel(tiny_model("gemma3"))
+    with pytest.warns(PeftImportWarning, match=r"only while 2 \+ sequence length <= 4 \(the sliding window"):
+        name = ak.import_peft(tmp_path / "prefix", model)
+    for seq, exact in ((2, True), (3, False)):
+        ids = torch.randint(3, 90, (2, seq), generator=torch.Generator().manual_seed(seq))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        ours = logits(model, batch, adapter=name, position_ids=torch.arange(2, 2 + seq).expand(2, -1))
+        theirs = logits(reference, batch)
+        if exact:
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+        else:
+            assert (ours - theirs).abs().max() > 1e-2, "past the window peft's layers stop seeing the prefix"
 
 
 def test_prefix_tuning_import_on_seq2seq_follows_peft_layout(tmp_path):
@@ -155,7 +183,8 @@ def test_prefix_tuning_import_on_seq2seq_follows_peft_layout(tmp_path):
     cache = reference.get_prompt(batch_size=1)
     assert len(cache.cross_attention_cache.layers) == 0
     model = ak.AdaptedModel(tiny_model("bart"))
-    adapter = model.get_adapter(ak.import_peft(tmp_path / "prefix", model))
+    with pytest.warns(PeftImportWarning, match="seq2seq bart model does not give peft's outputs"):
+        adapter = model.get_adapter(ak.import_peft(tmp_path / "prefix", model))
     sites = dict(adapter.site_items())
     assert sorted(sites) == [f"model.decoder.layers.{i}.self_attn" for i in range(2)]
     for i, layer in enumerate(cache.self_attention_cache.layers):
@@ -184,3 +213,27 @@ def test_peft_adapter_outside_our_targets_is_refused(tmp_path):
     with pytest.raises(ak.AdapterError, match=r"does not adapt on this backbone: \['lm_head'\]"):
         ak.import_peft(out, model, name="b")
     assert model.adapters == ["a"]
+
+
+def exported_base(model: ak.AdaptedModel, out) -> str | None:
+    model.add_adapter("a", ak.LoRA(r=2, targets=("q",)))
+    return json.loads((ak.export_peft(model, "a", out) / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
+def test_export_names_the_hub_id_of_a_zoo_backbone(tmp_path, monkeypatch):
+    """vLLM / LoRAX / peft match base_model_name_or_path against Hub ids: a zoo backbone gives its entry's."""
+    monkeypatch.setenv("ADAPTKIT_CACHE", str(tmp_path / "cache"))
+    tiny_model("llama").save_pretrained(zoo.model_dir("tiny-llama"))
+    (zoo.model_dir("tiny-llama") / zoo.COMPLETE_MARKER).write_text(json.dumps({"hub_id": "org/Tiny-Llama"}))
+    monkeypatch.setitem(zoo.ZOO, "tiny-llama", zoo.ZooEntry(
+        name="tiny-llama", hub_id="org/Tiny-Llama", what="test", architecture="LlamaForCausalLM", params="0",
+        family="decoder", licence="-", licence_note="-", how="-", build=lambda work, out: None))
+    assert exported_base(ak.load("tiny-llama"), tmp_path / "by-name") == "org/Tiny-Llama"
+    assert exported_base(ak.load(zoo.model_dir("tiny-llama")), tmp_path / "by-dir") == "org/Tiny-Llama"
+
+
+def test_export_names_a_local_directory_or_nothing(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "backbone")
+    assert exported_base(ak.load(tmp_path / "backbone"), tmp_path / "dir") == str(tmp_path / "backbone")
+    assert exported_base(ak.AdaptedModel(tiny_model("llama")), tmp_path / "none") is None  # not "LlamaForCausalLM"
+

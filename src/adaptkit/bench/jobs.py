@@ -26,7 +26,6 @@ PEER_METHODS = ("lora-r8", "lora-r32", "adalora", "prefix")
 # diverges at adapter rates, prefixes barely move at them) — the same choice Hu et al. and peft's
 # method comparison make.
 DEFAULT_LRS = {"full": 5e-5, "lora": 5e-4, "adalora": 1e-3, "prefix": 5e-3, "bottleneck": 5e-4}
-MERGEABLE = ("lora", "adalora")
 LIBRARIES = ("bare", "adaptkit", "peft")
 
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adaptkit.bench.jobs import MERGEABLE, METHODS
+from adaptkit.bench.jobs import METHODS
 from adaptkit.bench.measure import step_figures
+from adaptkit.core.registry import adapter_class_for
 from adaptkit.data import Collator, PromptFormat, encode_pairs
 from adaptkit.evaluation import evaluate
 from adaptkit.evaluation.loss import can_slice_head, loss_inputs
@@ -147,7 +148,7 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
                 return scorer.generate(**x, **fixed)
 
         ms = run({"bare": bare, "unmerged": lambda x: scorer.generate(**x, **fixed)})
-        if family in MERGEABLE:
+        if adapter_class_for(family).mergeable:  # peft merges the same families
             pm.merge_adapter()
             try:
                 ms["merged"] = run({"merged": lambda x: scorer.generate(**x, **fixed)})["merged"]

@@ -35,11 +35,12 @@ from typing import Any
 
 import torch
 
-from adaptkit.bench.jobs import MERGEABLE, METHODS, BenchConfig, Job, plan
+from adaptkit.bench.jobs import METHODS, BenchConfig, Job, plan
 from adaptkit.bench.measure import RssSampler, current_rss, latency, peak_rss, step_figures
 from adaptkit.bench.peft_peer import train_peft
 from adaptkit.bench.report import assemble, environment, write_outputs
 from adaptkit.core.bank import load
+from adaptkit.core.registry import adapter_class_for
 from adaptkit.data import PromptFormat, load_pairs, prompt_inputs
 from adaptkit.evaluation import evaluate
 from adaptkit.training.config import slug
@@ -161,8 +162,6 @@ def _score(model: Any, route: Any, rows: Any, cfg: BenchConfig, prompt: Any) -> 
 def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev_rows: Any, work: Path) -> dict:
     family, options = METHODS[job.method]
     options = dict(options)
-    if family == "adalora":
-        options["total_steps"] = cfg.budget_steps
     return train(model, None if family == "full" else job.method, train_rows, dev_rows,
                  full=family == "full", method="lora" if family == "full" else family, adapter_options=options,
                  max_steps=cfg.budget_steps, batch_size=cfg.batch_size, lr=cfg.lr(family),
@@ -199,7 +198,7 @@ def _adaptkit_latency(model: Any, job: Job, inputs: list[dict], fixed: dict, cfg
     gens = {"bare": _fixed_length(model, None, fixed), "unmerged": _fixed_length(model, name, fixed)}
     ms = latency(gens, inputs, cfg.latency_repeats, device)
     merged = None
-    if job.family in MERGEABLE:
+    if adapter_class_for(job.family).mergeable:
         model.merge_adapter(name)
         try:  # bare rows cannot run while merged, so the merged window has its own bare-free timing
             merged = latency({"merged": _fixed_length(model, name, fixed)}, inputs,

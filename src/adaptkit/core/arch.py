@@ -190,6 +190,7 @@ class Arch:
                 "pass explicit module names to the adapter config (targets=[...])"
             )
         self._modules = dict(model.named_modules())
+        self.sliding_window = _sliding_window(model.config)  # tokens a sliding-window layer looks back; None: none
         self.attentions = self._find_attentions(model)
         self.layers = self._find_layers()
 
@@ -322,6 +323,17 @@ def _guessed_linears(model: nn.Module, family: Family) -> Iterable[LinearSite]:
         if role in ATTENTION_ROLES:
             attention = "cross" if any(p in _CROSS_PARTS for p in lowered) else "self"
         yield LinearSite(name, module, role, stack, layer, attention)
+
+
+def _sliding_window(config) -> int | None:
+    """The window of the model's sliding-window layers, or None when every layer attends globally."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window <= 0:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return window if "sliding_attention" in layer_types else None
+    return window if getattr(config, "use_sliding_window", True) else None
 
 
 def _head_dim(attention: nn.Module, config, q_site: LinearSite) -> int:

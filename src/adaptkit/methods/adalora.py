@@ -12,6 +12,11 @@ whose arithmetic this follows, parity-tested). A training loop that never calls 
 would silently train plain LoRA: a gradient hook counts backward passes, warns, and saving
 refuses. On save only the kept triplets are written, with the per-module ranks in the config:
 a trained AdaLoRA file is a LoRA with per-module ranks.
+
+A training loop that knows its length calls `on_train_begin(total_steps)` first (ak.train does):
+the schedule is then fitted to the run, so it always ends with target_r per module.
+
+peft form: lora_A (r × in), lora_E (r × 1), lora_B (out × r) ↔ Q, Λ, P; the kept ranks in rank_pattern.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -28,7 +33,7 @@ from adaptkit.core.arch import Arch, linear_shape
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import register_method
 from adaptkit.methods.base import AdapterConfig
-from adaptkit.methods.lora import LowRankAdapter
+from adaptkit.methods.lora import LowRankAdapter, normalize_targets, peft_low_rank_tensors, refuse_peft_options
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft's weights give peft's outputs
 
@@ -38,8 +43,10 @@ class AdaLoRA(AdapterConfig):
     """init_r: starting rank per module; target_r: average rank per module at the end.
     The budget stays at init_r for `tinit` steps, shrinks cubically (a reallocation every `delta_t`
     steps) until `total_steps - tfinal`, then stays fixed. tinit / tfinal default to 10% / 20% of
-    total_steps. Update scale: alpha / init_r, constant, as in peft. `rank_pattern` (module path →
-    kept rank) is written on save; a config that has it builds the pruned, finished adapter."""
+    total_steps (tfinal at least 1: a loop counting steps from 0 reaches the end of the schedule), and
+    follow total_steps when a trainer fits the schedule to its run (`for_steps`). Update scale:
+    alpha / init_r, constant, as in peft. `rank_pattern` (module path → kept rank) is written on
+    save; a config that has it builds the pruned, finished adapter."""
 
     method = "adalora"
     init_r: int = 12
@@ -57,10 +64,13 @@ class AdaLoRA(AdapterConfig):
     rank_pattern: dict[str, int] | None = None
 
     def __post_init__(self) -> None:
+        self.targets = normalize_targets(self.targets)
+        # Not a field (it never reaches the file): which of tinit / tfinal were left to follow total_steps.
+        self._derived = tuple(name for name in ("tinit", "tfinal") if getattr(self, name) is None)
         if self.tinit is None:
             self.tinit = self.total_steps // 10
         if self.tfinal is None:
-            self.tfinal = self.total_steps // 5
+            self.tfinal = max(1, self.total_steps // 5)
         problems = []
         if self.init_r < 1 or not 0 <= self.target_r <= self.init_r:
             problems.append(f"need init_r >= 1 and 0 <= target_r <= init_r (got {self.init_r}, {self.target_r})")
@@ -79,6 +89,11 @@ class AdaLoRA(AdapterConfig):
     @property
     def scale(self) -> float:
         return self.alpha / (self.init_r + RANKNUM_EPS)
+
+    def for_steps(self, total_steps: int) -> AdaLoRA:
+        """The same schedule over `total_steps`: tinit / tfinal left to their defaults are derived anew,
+        explicit ones kept (and checked against the new length)."""
+        return dataclasses.replace(self, total_steps=total_steps, **{name: None for name in self._derived})
 
 
 class SVDUpdate(nn.Module):
@@ -196,6 +211,7 @@ class RankAllocator:
 class AdaLoRAAdapter(LowRankAdapter):
     method = "adalora"
     config_class = AdaLoRA
+    peft_types: ClassVar[tuple[str, ...]] = ("ADALORA",)
 
     def __init__(self, name: str, config: AdaLoRA, arch: Arch):
         super().__init__(name, config, arch)
@@ -237,6 +253,22 @@ class AdaLoRAAdapter(LowRankAdapter):
             f"{self.config.init_r}. Call model.get_adapter({self.name!r}).on_step_end(step) after "
             "optimizer.step() and before optimizer.zero_grad() in every step"
         )
+
+    def on_train_begin(self, total_steps: int) -> None:
+        """Fit the budget schedule to a run of `total_steps` optimizer steps (steps 0 … total_steps − 1), so
+        that it ends at target_r; the saved config records it. A finished adapter keeps its pattern."""
+        if self.finished or (total_steps == self.config.total_steps and self.config.tfinal >= 1):
+            return
+        try:
+            config = self.config.for_steps(total_steps)
+        except AdapterError as error:
+            raise AdapterError(f"AdaLoRA adapter {self.name!r} cannot fit its schedule to a run of {total_steps} "
+                               f"steps: {error}. Leave tinit / tfinal unset to scale them with the run") from None
+        if config.tfinal < 1:
+            raise AdapterError(f"AdaLoRA adapter {self.name!r} has tfinal=0: a run that counts steps from 0 never "
+                               f"reaches step total_steps - tfinal = {total_steps}, so the rank pattern is never "
+                               "fixed; use tfinal >= 1 (or leave it unset)")
+        self.config = self.allocator.config = config
 
     def on_step_end(self, step: int) -> None:
         """update_and_allocate: score, then mask to the scheduled budget. Needs this step's gradients."""
@@ -310,3 +342,42 @@ class AdaLoRAAdapter(LowRankAdapter):
 
     def config_for_file(self) -> AdaLoRA:
         return dataclasses.replace(self.config, rank_pattern=self.ranks())
+
+    # -- peft --------------------------------------------------------------------------------------
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        c: AdaLoRA = self.config
+        tensors, rank_pattern = {}, {}
+        for path, update in self.site_items():
+            kept = update.pruned()
+            tensors[f"{path}.lora_A"] = kept["Q"]
+            tensors[f"{path}.lora_E"] = kept["Lambda"][:, None]
+            tensors[f"{path}.lora_B"] = kept["P"]
+            # peft builds every module at init_r, then keeps the rows this mask selects; the tensors
+            # above are already pruned, so the kept ones are listed first.
+            rank = update.rank
+            rank_pattern[f"{path}.lora_E"] = [True] * rank + [False] * (c.init_r - rank)
+        config = dict(peft_type="ADALORA", init_r=c.init_r, target_r=c.target_r, total_step=c.total_steps,
+                      tinit=c.tinit, tfinal=c.tfinal, deltaT=c.delta_t, beta1=c.beta1, beta2=c.beta2,
+                      orth_reg_weight=c.orth_reg_weight, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                      rank_pattern=rank_pattern, **self.peft_targets())
+        return config, tensors
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], arch: Arch
+                  ) -> tuple[AdaLoRA, dict[str, torch.Tensor]]:
+        c = peft_config
+        refuse_peft_options(c, {"modules_to_save": bool(c.get("modules_to_save")),
+                                f"bias={c.get('bias')!r}": c.get("bias", "none") != "none"})
+        targets, ours = peft_low_rank_tensors(arch, tensors, {".lora_A": "Q", ".lora_E": "Lambda", ".lora_B": "P"})
+        ours = {k: t.reshape(-1) if k.endswith(".Lambda") else t for k, t in ours.items()}
+        init_r = int(c["init_r"])
+        alpha = float(c.get("lora_alpha") or init_r)  # peft: scaling = lora_alpha if > 0 else r
+        adalora = AdaLoRA(
+            init_r=init_r, target_r=min(int(c.get("target_r", 8)), init_r), total_steps=int(c["total_step"]),
+            tinit=int(c.get("tinit", 0)), tfinal=int(c.get("tfinal", 0)), delta_t=int(c.get("deltaT", 1)),
+            beta1=float(c.get("beta1", 0.85)), beta2=float(c.get("beta2", 0.85)),
+            orth_reg_weight=float(c.get("orth_reg_weight", 0.5)), alpha=alpha,
+            dropout=float(c.get("lora_dropout", 0)), targets=targets,
+            rank_pattern={p: int(ours[f"{p}.Q"].shape[0]) for p in targets},
+        )
+        return adalora, ours

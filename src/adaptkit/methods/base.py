@@ -57,6 +57,9 @@ class Adapter(nn.Module):
 
     method: ClassVar[str] = ""
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    # What the family can do, read from the class by whoever needs to know (bank, benchmark, peft interop):
+    mergeable: ClassVar[bool] = False  # merge() / unmerge() fold the adapter into the backbone's weights
+    peft_types: ClassVar[tuple[str, ...]] = ()  # peft's `peft_type`s that from_peft() reads
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch):
         super().__init__()
@@ -129,8 +132,25 @@ class Adapter(nn.Module):
     def unmerge(self) -> None:
         raise AdapterError(f"{self.method} adapters cannot be merged into the backbone; only the LoRA family can")
 
+    def on_train_begin(self, total_steps: int) -> None:
+        """Called by training loops once, before the first step, with the number of optimizer steps the
+        run will take; `on_step_end` then gets steps 0 … total_steps − 1 (AdaLoRA fits its schedule to it)."""
+
     def on_step_end(self, step: int) -> None:
         """Called by training loops after each optimizer step (AdaLoRA's budget schedule)."""
+
+    # -- peft directories (interop/peft.py does the directory I/O and finds the family by peft_type) --
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """This adapter as peft saves it: (adapter_config fields, `peft_type` included; tensors named
+        `<module path>.<peft's tensor name>`)."""
+        raise AdapterError(f"{self.method} adapters have no peft form to export to")
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], arch: Arch
+                  ) -> tuple[AdapterConfig, dict[str, torch.Tensor]]:
+        """A peft adapter of one of `peft_types` (its adapter_config.json; tensors named as in its file,
+        less peft's `base_model.model.`) → (this family's config, its tensors under `adapter_state_dict()` names)."""
+        raise AdapterError(f"{cls.method} adapters cannot be imported from peft")
 
     def check_trained(self) -> None:
         """Raise if training left the adapter in a state it must not be saved in."""

@@ -7,13 +7,16 @@
 The update rides on a forward hook of the projection; rows routed to other adapters (or to
 none) pass through untouched. Merging writes B A into W for zero-overhead inference and keeps
 a copy of W so that unmerging restores it bit for bit.
+
+peft form: the same module paths, `lora_A.weight` (r × in) and `lora_B.weight` (out × r), one
+rank for all modules; DoRA, biases, per-module alpha and modules_to_save are refused on import.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -39,12 +42,18 @@ class LoRA(AdapterConfig):
     use_rslora: bool = False
 
     def __post_init__(self) -> None:
+        self.targets = normalize_targets(self.targets)
         if self.r < 1:
             raise AdapterError(f"LoRA rank r must be at least 1, got {self.r}")
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+def normalize_targets(targets: str | list[str] | tuple[str, ...]) -> str | tuple[str, ...]:
+    """A group name stays a string; a list of roles or module names (JSON gives a list) becomes a tuple."""
+    return targets if isinstance(targets, str) else tuple(targets)
 
 
 class LoRAUpdate(nn.Module):
@@ -84,6 +93,7 @@ class LowRankAdapter(Adapter):
     """What LoRA and AdaLoRA share: one update per targeted projection, hooked, mergeable."""
 
     HOOK_KEY = "low_rank"
+    mergeable: ClassVar[bool] = True
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch):
         super().__init__(name, config, arch)
@@ -130,12 +140,76 @@ class LowRankAdapter(Adapter):
                 target.module.weight.copy_(self._backups.pop(target.name))
                 update.merged = False
 
+    def peft_targets(self) -> dict[str, Any]:
+        """The peft config fields that say where the updates sit (GPT-2's Conv1D stores W transposed)."""
+        return dict(target_modules=[target.name for target in self.targets],
+                    fan_in_fan_out=any(isinstance(target.module, Conv1D) for target in self.targets))
+
+
+def refuse_peft_options(peft_config: dict[str, Any], checks: dict[str, bool]) -> None:
+    """Raise, naming them, if the peft adapter uses options this family cannot reproduce exactly."""
+    bad = [what for what, failed in checks.items() if failed]
+    if bad:
+        raise AdapterError(f"this peft {peft_config.get('peft_type')} adapter uses {', '.join(bad)}, "
+                           "which adaptkit does not support; it cannot be imported exactly")
+
+
+def peft_low_rank_tensors(arch: Arch, tensors: dict[str, torch.Tensor], suffixes: dict[str, str]
+                          ) -> tuple[tuple[str, ...], dict[str, torch.Tensor]]:
+    """peft tensors `<module path><peft suffix>` → (module paths in backbone order, tensors under our names)."""
+    ours, paths, unknown = {}, set(), []
+    for key, tensor in tensors.items():
+        match = next(((key[: -len(s)], mine) for s, mine in suffixes.items() if key.endswith(s)), None)
+        if match is None:
+            unknown.append(key)
+            continue
+        path, mine = match
+        paths.add(path)
+        ours[f"{path}.{mine}"] = tensor
+    if unknown:
+        raise AdapterError(f"unsupported tensors in the peft adapter (embeddings, biases, DoRA, modules_to_save?): "
+                           f"{sorted(unknown)[:3]}")
+    known = [site.name for site in arch.linears]
+    outside = sorted(paths - set(known))
+    if outside:
+        raise AdapterError(f"the peft adapter targets modules adaptkit does not adapt on this backbone: {outside[:3]}")
+    return tuple(p for p in known if p in paths), ours
+
 
 @register_method
 class LoRAAdapter(LowRankAdapter):
     method = "lora"
     config_class = LoRA
 
+    peft_types = ("LORA",)
+
     def make_update(self, in_features: int, out_features: int) -> nn.Module:
         c = self.config
         return LoRAUpdate(in_features, out_features, c.r, c.scale, c.dropout)
+
+    def to_peft(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        c: LoRA = self.config
+        tensors = {}
+        for path, update in self.site_items():
+            tensors[f"{path}.lora_A.weight"] = update.lora_A
+            tensors[f"{path}.lora_B.weight"] = update.lora_B
+        config = dict(peft_type="LORA", r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_rslora=c.use_rslora,
+                      **self.peft_targets())
+        return config, tensors
+
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], arch: Arch
+                  ) -> tuple[LoRA, dict[str, torch.Tensor]]:
+        c = peft_config
+        refuse_peft_options(c, {"DoRA": bool(c.get("use_dora")),
+                                f"bias={c.get('bias')!r}": c.get("bias", "none") != "none",
+                                "modules_to_save": bool(c.get("modules_to_save")),
+                                "per-module alpha (alpha_pattern)": bool(c.get("alpha_pattern"))})
+        targets, ours = peft_low_rank_tensors(arch, tensors, {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"})
+        ranks = {t.shape[0] for k, t in ours.items() if k.endswith(".lora_A")}
+        if len(ranks) != 1:
+            raise AdapterError(f"the peft LoRA adapter has per-module ranks {sorted(ranks)}; "
+                               "adaptkit LoRA has one rank")
+        lora = LoRA(r=ranks.pop(), alpha=float(c.get("lora_alpha", 8)), dropout=float(c.get("lora_dropout", 0)),
+                    targets=targets, use_rslora=bool(c.get("use_rslora", False)))
+        return lora, ours

@@ -12,15 +12,27 @@ cache class, beam search and the encoder, decoder and cross-attention all work a
 
 Rows routed to different prefixes are padded to the longest prefix in the batch; padded slots are
 masked out, so a row without a prefix attends exactly to the keys the bare backbone would.
+
+peft prefix tuning (import only): peft puts its prefix in the KV cache, so the real tokens'
+positions start at `num_virtual_tokens` (T); here the prefix moves no position. An imported prefix
+therefore gives peft's outputs exactly only
+  - on a decoder-only model, in a forward pass given `position_ids = arange(T, T + length)`, and
+  - on sliding-window layers, only while T + sequence length ≤ the window (past it, peft's layers
+    stop seeing the prefix; ours keep seeing it).
+In `generate` (positions from 0), on seq2seq decoders (their positions cannot be shifted from
+outside; T5 adds no relative bias towards our prefix) and on encoder-only models (not checked)
+the outputs differ from peft's; import warns, saying which.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -62,6 +74,10 @@ class Prefix(AdapterConfig):
             raise AdapterError(f"Prefix(where=...) takes places among {PLACES}; got {self.where}")
         if self.reparam and self.reparam_hidden < 1:
             raise AdapterError(f"reparam_hidden must be at least 1, got {self.reparam_hidden}")
+
+
+class PeftImportWarning(UserWarning):
+    """An imported peft adapter does not give peft's outputs everywhere; the message says where not."""
 
 
 def place_of(site: AttentionSite) -> str:
@@ -298,6 +314,7 @@ def _configs_of(modules: list[nn.Module]) -> list:
 class PrefixAdapter(Adapter):
     method = "prefix"
     config_class = Prefix
+    peft_types: ClassVar[tuple[str, ...]] = ("PREFIX_TUNING",)
 
     def __init__(self, name: str, config: Prefix, arch: Arch):
         super().__init__(name, config, arch)
@@ -349,3 +366,64 @@ class PrefixAdapter(Adapter):
 
     def config_for_file(self) -> Prefix:
         return dataclasses.replace(self.config, reparam=False)
+
+    # -- peft (import only: a folded prefix has no peft form that peft would read back as trained) -----
+    @classmethod
+    def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], arch: Arch
+                  ) -> tuple[Prefix, dict[str, torch.Tensor]]:
+        """peft's prompt_embeddings [T, layers · 2 · kv_heads · head_dim] → <attention>.prefix_key / .prefix_value."""
+        if set(tensors) != {"prompt_embeddings"}:
+            raise AdapterError("a peft prefix-tuning adapter holds one tensor, prompt_embeddings; "
+                               f"found {sorted(tensors)}")
+        length = int(peft_config["num_virtual_tokens"])
+        layers, heads = int(peft_config["num_layers"]), int(peft_config["num_attention_heads"])
+        head_dim = int(peft_config["token_dim"]) // heads
+        embeddings = tensors["prompt_embeddings"]
+        if tuple(embeddings.shape) != (length, layers * 2 * heads * head_dim):
+            raise AdapterError(f"prompt_embeddings has shape {tuple(embeddings.shape)}; the config promises "
+                               f"({length}, {layers * 2 * heads * head_dim})")
+        # peft's past_key_values layout: [T, layers·2, heads, head_dim] → [layers·2, heads, T, head_dim]
+        kv = embeddings.view(length, layers * 2, heads, head_dim).permute(1, 2, 0, 3)
+        ours = {}
+        for site, source_layer in _peft_prefix_sites(arch, layers):
+            if (site.num_kv_heads, site.head_dim) != (heads, head_dim):
+                raise AdapterError(f"peft prefix has {heads} heads × {head_dim} per layer; {site.name} has "
+                                   f"{site.num_kv_heads} × {site.head_dim}")
+            ours[f"{site.name}.prefix_key"] = kv[2 * source_layer].contiguous()
+            ours[f"{site.name}.prefix_value"] = kv[2 * source_layer + 1].contiguous()
+        warnings.warn(_peft_exactness(arch, length), PeftImportWarning, stacklevel=3)
+        where = ("encoder",) if arch.family == "encoder" else ("decoder",)  # decoder self-attention only
+        return Prefix(length=length, where=where), ours
+
+
+def _peft_prefix_sites(arch: Arch, layers: int) -> list[tuple[AttentionSite, int]]:
+    """(attention site, peft layer whose prefix it gets), for the attentions peft's prefix reaches.
+
+    Decoders: every self-attention, layer i ← layer i. Seq2seq: peft doubles the layer axis and
+    cuts it into groups of four (self k, self v, cross k, cross v) per decoder layer, then drops
+    the cross part: decoder self-attention i gets peft layer 2i mod L; the encoder gets nothing.
+    """
+    if arch.family == "seq2seq":
+        selfs = [s for s in arch.attentions if s.stack == "decoder" and s.kind == "self"]
+        return [(site, (2 * i) % layers) for i, site in enumerate(sorted(selfs, key=lambda s: s.layer))]
+    selfs = sorted((s for s in arch.attentions if s.kind == "self"), key=lambda s: s.layer)
+    if len(selfs) != layers:
+        raise AdapterError(f"the peft prefix covers {layers} layers; this backbone has {len(selfs)} self-attentions")
+    return [(site, i) for i, site in enumerate(selfs)]
+
+
+def _peft_exactness(arch: Arch, length: int) -> str:
+    """Where an imported peft prefix gives peft's outputs on this backbone, and where not (the module docstring)."""
+    if arch.family == "seq2seq":
+        return (f"a peft prefix imported into a seq2seq {arch.model_type} model does not give peft's outputs: peft's "
+                f"prefix shifts the decoder's positions by {length}, which cannot be done from outside here")
+    if arch.family == "encoder":
+        return (f"a peft prefix imported into an encoder-only {arch.model_type} model is not checked against peft; "
+                "its outputs may differ")
+    message = (f"peft keeps its prefix in the KV cache, so the real tokens' positions start at {length}; this "
+               f"imported prefix gives peft's outputs only in a forward given position_ids = arange({length}, "
+               f"{length} + sequence length), not in generate (positions from 0)")
+    if arch.sliding_window is not None:
+        message += (f", and only while {length} + sequence length <= {arch.sliding_window} (the sliding window: "
+                    "past it peft's sliding-window layers no longer see the prefix, adaptkit's do)")
+    return message

@@ -7,8 +7,9 @@ checkpoint.py's.
 
 The trainer never asks which adapter family it trains: it optimises
 `model.adapter_parameters(name)`, runs `model(**batch, adapter=name)` (the bank adds any
-regularisation loss) and calls `adapter.on_step_end(step)` after every optimizer step, before
-the gradients are zeroed (AdaLoRA reads them there).
+regularisation loss), calls `adapter.on_train_begin(total_steps)` once with the run's number of
+optimizer steps (AdaLoRA fits its budget schedule to it) and `adapter.on_step_end(step)` after
+every optimizer step, before the gradients are zeroed (AdaLoRA reads them there).
 
 Loss normalisation is by target tokens over the whole optimizer step — across gradient
 accumulation and across processes — so 2 processes × batch 4 give the same update as
@@ -223,6 +224,8 @@ class Recipe:
         total, warmup, schedule = self.total_steps, cfg.warmup_steps, cfg.schedule
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer.optimizer, lambda step: lr_factor(step, total, warmup, schedule))
+        if not cfg.full:
+            model.get_adapter(cfg.adapter).on_train_begin(self.total_steps)
 
         self.run_dir = cfg.run_dir
         self.checkpoints = self.run_dir / "checkpoints"
