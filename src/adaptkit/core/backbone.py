@@ -8,6 +8,7 @@ so the same weights loaded in bf16 or fp32 still match).
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from adaptkit import zoo
 from adaptkit.core.errors import AdapterError
 
 PROBE_VALUES = 16
+# What a saved tokenizer leaves in a model directory (fast, sentencepiece, BPE, WordPiece, tiktoken)
+_TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "*.spm", "spiece*", "sentencepiece*",
+                    "special_tokens_map.json", "added_tokens.json", "*.tiktoken")
 
 
 def _auto_class(config) -> type:
@@ -34,8 +38,11 @@ def _auto_class(config) -> type:
 
 def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | str | None = None,
                     device: str | torch.device | None = None) -> tuple[nn.Module, Any, str]:
-    """(model, tokenizer or None, backbone id) from a zoo name, a local directory or a Hub id."""
+    """(model, tokenizer or None, backbone id) from a zoo name, a local directory or a Hub id.
 
+    A directory without tokenizer files (a model saved with `save_pretrained` only) gives None:
+    what needs a tokenizer says so when it is called.
+    """
     backbone_id = str(name_or_path)
     path = zoo.resolve(name_or_path)
     config = tf.AutoConfig.from_pretrained(path)
@@ -43,13 +50,21 @@ def load_pretrained(name_or_path: str | Path, dtype: torch.dtype | str | None = 
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     model = _auto_class(config).from_pretrained(path, **kwargs)
-    try:
-        tokenizer = tf.AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        tokenizer = None
+    tokenizer = _load_tokenizer(path)
     if device is not None:
         model.to(device)
     return model, tokenizer, backbone_id
+
+
+def _load_tokenizer(path: Path) -> Any:
+    if path.is_dir() and not any(any(path.glob(pattern)) for pattern in _TOKENIZER_FILES):
+        return None  # the tokenizer loaders fail on this with raw TypeErrors / assertions
+    try:
+        return tf.AutoTokenizer.from_pretrained(path)
+    except Exception as error:  # noqa: BLE001 — third-party tokenizer classes raise anything; the model still loads
+        warnings.warn(f"the model in {path} loads without a tokenizer: its tokenizer files could not be read "
+                      f"({type(error).__name__}: {error})", stacklevel=3)
+        return None
 
 
 def freeze(model: nn.Module) -> None:

@@ -8,9 +8,12 @@ which row. It never asks which family an adapter is — that is the `Adapter` pr
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,8 +34,21 @@ if TYPE_CHECKING:
 _UNSET: Any = object()
 
 
+@dataclass(frozen=True)
+class _Call:
+    """A call (or a load) in flight that pins adapters: named in errors, and never waited on by itself."""
+
+    names: frozenset[str]
+    thread_id: int
+    thread_name: str
+    started: float
+
+
 class AdaptedModel(nn.Module):
     """A frozen backbone plus a bank of named adapters, routed per call or per row.
+
+    Starts in eval mode, as transformers' `from_pretrained` does (adapter dropout off); a new adapter
+    takes the model's current mode; `train()` / `eval()` switch the backbone and every adapter.
 
     >>> model = AdaptedModel.from_pretrained("gemma3-270m")
     >>> model.add_adapter("en-de", LoRA(r=8))
@@ -56,14 +72,27 @@ class AdaptedModel(nn.Module):
         self._next_slot = 0
         self._merged: str | None = None
         self._pins: Counter[str] = Counter()  # adapter name → calls in flight (and loads) that need it
+        self._calls: dict[int, _Call] = {}  # what holds the pins, by a per-call id
+        self._call_ids = itertools.count()
+        self._removing: set[str] = set()  # names whose removal waits for their calls; new calls wait for it
         self._lock = threading.RLock()
+        self._released = threading.Condition(self._lock)  # notified when pins drop or a removal ends
         self._backbone_fingerprint = fingerprint(model)
+        self.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, **kwargs: Any) -> AdaptedModel:
         model, tokenizer, backbone_id = load_pretrained(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, backbone_id, **kwargs)
+
+    def require_tokenizer(self, purpose: str) -> Any:
+        """The tokenizer, or an AdapterError saying that `purpose` needs one and how to give it."""
+        if self.tokenizer is None:
+            raise AdapterError(f"{purpose} needs a tokenizer, and this model has no tokenizer (none was passed, or "
+                               "its directory has no tokenizer files): set model.tokenizer = "
+                               "AutoTokenizer.from_pretrained(...) first")
+        return self.tokenizer
 
     # -- the bank ------------------------------------------------------------------------------
     @property
@@ -83,6 +112,8 @@ class AdaptedModel(nn.Module):
 
     def _insert(self, name: str, adapter: Adapter, metadata: dict[str, Any]) -> Adapter:
         _check_name(name)
+        self._check_adapts_something(name, adapter)
+        adapter.train(self.training)  # dropout follows the model: off after eval(), as a loaded model is
         with self._lock:
             if name in self._slots:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; "
@@ -98,14 +129,53 @@ class AdaptedModel(nn.Module):
             self._metadata[name] = {k: v for k, v in metadata.items() if v is not None}
         return adapter
 
-    def remove_adapter(self, name: str) -> None:
-        with self._lock:
-            adapter = self.get_adapter(name)
-            if self._merged == name:
-                self.unmerge_adapter()
-            adapter.detach()
-            del self._adapters[self._slots.pop(name)]
-            self._metadata.pop(name, None)
+    def _check_adapts_something(self, name: str, adapter: Adapter) -> None:
+        """Every family adds one site per backbone module it adapts: none means a config that selects nothing."""
+        if len(adapter.sites) == 0:
+            roles = sorted({site.role for site in self.arch.linears})
+            raise AdapterError(
+                f"adapter {name!r} ({adapter.method}) adapts no module of this {self.arch.model_type} backbone: "
+                f"its config {adapter.config.to_dict()} selects nothing (check its targets). "
+                f"The backbone's projection roles: {roles}; target groups 'attention', 'qv', 'ffn', 'all-linear'"
+            )
+
+    def remove_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        """Take an adapter out of the bank once no call in flight uses it.
+
+        Calls already routed to it finish with it — never half adapted; new calls for it wait for the
+        removal, then find it gone. With `timeout` (seconds), give up after that long with an
+        AdapterError naming the calls in flight, and leave the adapter in place.
+        """
+        with self._released:
+            if not self._released.wait_for(lambda: name not in self._removing, timeout):
+                raise AdapterError(f"adapter {name!r} is being removed by another thread, which waits for "
+                                   f"{self._in_flight(name)}; timed out after {timeout} s")
+            self.get_adapter(name)
+            own = [c for c in self._calls.values() if name in c.names and c.thread_id == threading.get_ident()]
+            if own:
+                raise AdapterError(f"cannot remove adapter {name!r} from inside a call that uses it (this thread "
+                                   f"holds it): it would wait for itself. Remove it after the call or from "
+                                   "another thread")
+            self._removing.add(name)
+            try:
+                if not self._released.wait_for(lambda: not self._pins[name], timeout):
+                    raise AdapterError(f"adapter {name!r} is in use by {self._in_flight(name)}; not removed after "
+                                       f"waiting {timeout} s. Retry later, or remove_adapter without a timeout to "
+                                       "wait until they finish")
+                if self._merged == name:
+                    self.unmerge_adapter()
+                self.get_adapter(name).detach()
+                del self._adapters[self._slots.pop(name)]
+                self._metadata.pop(name, None)
+            finally:
+                self._removing.discard(name)
+                self._released.notify_all()
+
+    def _in_flight(self, name: str) -> str:
+        calls = [c for c in self._calls.values() if name in c.names]
+        now = time.monotonic()
+        described = ", ".join(f"thread {c.thread_name!r} for {now - c.started:.1f} s" for c in calls)
+        return f"{len(calls)} call{'s' if len(calls) != 1 else ''} in flight ({described})"
 
     def adapter_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable parameters of one adapter: what an optimizer should get."""
@@ -153,15 +223,15 @@ class AdaptedModel(nn.Module):
         })
         return path
 
-    def load_adapter(self, path_or_name: str | Path, name: str | None = None, *,
-                     check_backbone: bool = True) -> str:
-        """Hot-load an adapter file (or a name in the store) onto this backbone; returns its name.
+    def load_adapter(self, path: str | Path, name: str | None = None, *, check_backbone: bool = True) -> str:
+        """Hot-load the adapter file at `path` onto this backbone; returns its name.
 
+        `path` is a file path chosen by the caller, read wherever it points, store or not: never pass
+        a name that came from outside (a request, an upload) here. Names go through `load_from_store`,
+        which the routing uses and which can never leave the store.
         Everything is checked and built before the bank changes: a failed load leaves it as it was.
         """
-        path = Path(path_or_name)
-        if not path.suffix == ".safetensors" and self.store is not None:
-            path = self.store.path_for(str(path_or_name))
+        path = self._explicit_path(path)
         tensors, info = read_adapter_file(path)
         if check_backbone:
             check_backbone_fn(info.get("backbone", {}), self._backbone_fingerprint, path.name)
@@ -175,9 +245,22 @@ class AdaptedModel(nn.Module):
         self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")})
         return name
 
+    def load_from_store(self, name: str, *, check_backbone: bool = True) -> str:
+        """Load the store's adapter `name` under that name. The name is resolved by the store, which
+        refuses anything that would leave it (`..`, absolute paths); it is never read as a file path."""
+        _check_name(name)
+        return self.load_adapter(self._store().path_for(name), name, check_backbone=check_backbone)
+
+    def _explicit_path(self, path: str | Path) -> Path:
+        """Always a file path; a store name given by mistake gets a pointer to `load_from_store`."""
+        if not Path(path).is_file() and self.store is not None and str(path) in self.store:
+            raise AdapterError(f"load_adapter takes a file path, and there is no file at {str(path)!r}; to load the "
+                               f"store's adapter of that name use load_from_store({str(path)!r}), or just route to it")
+        return Path(path)
+
     def _store(self) -> AdapterStore:
         if self.store is None:
-            raise AdapterError("no path given and this model has no adapter store; pass a path or store=DIR")
+            raise AdapterError("this model has no adapter store: pass a file path, or load the model with store=DIR")
         return self.store
 
     def _make_room(self) -> None:
@@ -185,34 +268,49 @@ class AdaptedModel(nn.Module):
         if self.max_resident is None:
             return
         evictable = [n for n in self._slots if self.store is not None and n in self.store
-                     and n != self._merged and not self._pins[n]]
+                     and n != self._merged and not self._pins[n] and n not in self._removing]
         while len(self._slots) >= self.max_resident and evictable:
             self.remove_adapter(evictable.pop(0))
 
     def _ensure_resident(self, names: frozenset[str]) -> None:
-        with self._lock, self._pinned(names):  # loading one of a call's adapters must not evict another
-            for name in names:
-                if name in self._slots:
-                    self._slots.move_to_end(name)
-                elif self.store is not None and name in self.store:
-                    self.load_adapter(self.store.path_for(name), name)
-                else:
-                    raise AdapterError(f"no adapter named {name!r}; loaded: {self.adapters}"
-                                       + (f"; in the store: {self.store.names()}" if self.store else ""))
+        """Every name loaded (from the store, by name only) and most recently used, or an AdapterError."""
+        with self._released:
+            # A name being removed: a new call waits for the removal and then finds it gone. A call of
+            # this thread already holding the name (a nested call) goes on: the removal waits for it.
+            held = self._held_by_this_thread()
+            self._released.wait_for(lambda: not ((names & self._removing) - held))
+            with self._pinned(names):  # loading one of a call's adapters must not evict another
+                for name in names:
+                    if name in self._slots:
+                        self._slots.move_to_end(name)
+                    elif self.store is not None and name in self.store:
+                        self.load_from_store(name)
+                    else:
+                        raise AdapterError(f"no adapter named {name!r}; loaded: {self.adapters}"
+                                           + (f"; in the store: {self.store.names()}" if self.store else ""))
+
+    def _held_by_this_thread(self) -> frozenset[str]:
+        me = threading.get_ident()
+        return frozenset().union(*(c.names for c in self._calls.values() if c.thread_id == me))
 
     @contextlib.contextmanager
     def _pinned(self, names: frozenset[str]) -> Iterator[None]:
-        """Keep `names` out of LRU eviction while the block runs (other threads may load meanwhile)."""
+        """Keep `names` resident while the block runs: out of LRU eviction, and removal waits for it."""
+        thread = threading.current_thread()
         with self._lock:
+            call = next(self._call_ids)
+            self._calls[call] = _Call(names, thread.ident, thread.name, time.monotonic())
             self._pins.update(names)
         try:
             yield
         finally:
-            with self._lock:
+            with self._released:
+                del self._calls[call]
                 self._pins.subtract(names)
                 for name in names:
                     if self._pins[name] <= 0:
                         del self._pins[name]
+                self._released.notify_all()
 
     # -- running -------------------------------------------------------------------------------
     def routing_for(self, adapter: AdapterSpec | list[AdapterSpec]) -> Routing:
@@ -249,6 +347,7 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> Any:
         """The backbone's forward with `adapter`: a name, a stack tuple, None, or one entry per row."""
         with self._scope(adapter):
+            _check_rows(args, kwargs)
             output = self.model(*args, **kwargs)
             if self.model.training and getattr(output, "loss", None) is not None:
                 output.loss = self._add_regularization(output.loss)
@@ -267,6 +366,7 @@ class AdaptedModel(nn.Module):
     def generate(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> torch.Tensor:
         """`model.generate` with per-call or per-row adapters; greedy, beam search and sampling."""
         with self._scope(adapter):
+            _check_rows(args, kwargs)
             return self.model.generate(*args, **kwargs)
 
     # -- merging (LoRA family) -------------------------------------------------------------------
@@ -288,6 +388,27 @@ class AdaptedModel(nn.Module):
     @property
     def merged_adapter(self) -> str | None:
         return self._merged
+
+
+def _check_rows(args: tuple, kwargs: dict[str, Any]) -> None:
+    """A per-row adapter list has one entry per input row: checked here, before `generate` expands rows."""
+    routing = current_routing()
+    if routing is None or routing.rows is None:
+        return
+    batch = _input_batch_size(args, kwargs)
+    if batch is not None:
+        routing.check_input_batch(batch)
+
+
+def _input_batch_size(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """Rows of the call's input: ids, embeddings or precomputed encoder outputs, whichever is given."""
+    for value in (args[0] if args else None, kwargs.get("input_ids"), kwargs.get("inputs_embeds"),
+                  kwargs.get("encoder_outputs"), kwargs.get("decoder_input_ids")):
+        if value is not None and not isinstance(value, torch.Tensor):
+            value = value[0] if isinstance(value, (tuple, list)) or hasattr(value, "last_hidden_state") else None
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
 
 
 def _check_name(name: str) -> None:

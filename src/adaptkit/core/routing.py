@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adaptkit.core.errors import AdapterError
+
 AdapterSpec = str | tuple[str, ...] | None
 """One row's adapters: a name, a stack of names, or None for the bare backbone."""
 
@@ -57,7 +59,7 @@ class Routing:
         if not isinstance(spec, list):
             return cls(rows=None, uniform=_as_stack(spec))
         if not spec:
-            raise ValueError("the per-row adapter list is empty; give one entry per input row")
+            raise AdapterError("the per-row adapter list is empty; give one entry per input row")
         stacks = tuple(_as_stack(s) for s in spec)
         if len(set(stacks)) == 1:
             return cls(rows=stacks, uniform=stacks[0])
@@ -71,6 +73,15 @@ class Routing:
     @property
     def is_bare(self) -> bool:
         return not self.names
+
+    def check_input_batch(self, batch_size: int) -> None:
+        """A per-row list names one stack per *input* row. Only `generate` repeats rows (beams,
+        `num_return_sequences`), after this check: a caller's shorter list is never stretched to fit."""
+        if self.rows is not None and len(self.rows) != batch_size:
+            raise AdapterError(
+                f"the adapter list has {len(self.rows)} entries but the input batch has {batch_size} rows; "
+                "give one adapter entry per input row"
+            )
 
     def row_stacks(self, batch_size: int) -> list[tuple[str, ...]]:
         """The stack of every runtime row (rows expanded for beams / num_return_sequences)."""
@@ -107,7 +118,7 @@ class Routing:
         assert self.rows is not None
         n = len(self.rows)
         if batch_size % n:
-            raise ValueError(
+            raise AdapterError(
                 f"the adapter list has {n} entries but the batch has {batch_size} rows; "
                 "give one adapter entry per input row"
             )

@@ -38,6 +38,7 @@ def evaluate(model: Any, rows: Any, adapter: Any = None, *, prompt: Any = None, 
              tgt_lang: str | None = None, slice_head: bool = True) -> dict[str, float]:
     """Score `model` with `adapter` (None: the bare backbone) on pairs `rows`: loss, and with
     `generate` BLEU / chrF / TER of its translations. `encoded` reuses a tokenized copy of `rows`."""
+    model.require_tokenizer("evaluate")
     if model.family == "decoder" and prompt is None:
         prompt = PromptFormat()
     if encoded is None:

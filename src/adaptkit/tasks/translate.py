@@ -14,7 +14,6 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from adaptkit.core.bank import AdaptedModel
-from adaptkit.core.errors import AdapterError
 from adaptkit.data import PromptFormat, decode_generated, prompt_inputs
 
 
@@ -23,8 +22,7 @@ class Translator:
 
     def __init__(self, model: AdaptedModel, prompt: PromptFormat | None = None, batch_size: int = 16,
                  max_source_len: int | None = 256):
-        if model.tokenizer is None:
-            raise AdapterError("Translator needs a tokenizer: load the backbone with ak.load(...) or pass one")
+        model.require_tokenizer("Translator")
         self.model = model
         self.prompt = prompt  # None: data.PromptFormat() for decoders, bare sources for seq2seq
         self.batch_size = batch_size

@@ -163,13 +163,12 @@ class Recipe:
         set_seed(cfg.seed)  # before the adapter is built: its initial weights come from this seed
         if not isinstance(model, AdaptedModel):
             model = AdaptedModel.from_pretrained(model or cfg.backbone)
-        if model.tokenizer is None:
-            raise AdapterError("training needs the backbone's tokenizer: load it with ak.load(...) "
-                               "or set model.tokenizer")
+        model.require_tokenizer("training")
         if model.family not in ("seq2seq", "decoder"):
             raise AdapterError("the trainer trains seq2seq and decoder LMs on text pairs; "
                                f"this backbone is {model.family}")
         self.model, self.family, self.tokenizer = model, model.family, model.tokenizer
+        self._was_training = model.training  # steps run in train mode; cleanup() gives the mode back
 
         # data: pairs → tokens; the prompt (decoder LMs) is part of the recipe, saved with the adapter
         source = train_data if train_data is not None else self._need_data()
@@ -416,7 +415,8 @@ class Recipe:
         return out
 
     def cleanup(self) -> None:
-        """Give the model back as found: frozen except what was trainable before, no accelerate wrappers."""
+        """Give the model back as found: its train/eval mode, frozen except what was trainable before, no
+        accelerate wrappers."""
         for parameter, flag in self._requires_grad.items():
             parameter.requires_grad_(flag)
         if hasattr(self, "wrapped"):
@@ -429,7 +429,7 @@ class Recipe:
             # process could not choose another mixed precision. The process group (PartialState) stays.
             AcceleratorState._reset_state()
         if hasattr(self, "model"):
-            self.model.eval()
+            self.model.train(self._was_training)
 
     # -- checkpoints (the file layout is checkpoint.py's) ----------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
