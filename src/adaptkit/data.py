@@ -134,33 +134,85 @@ def load_pairs(source: Any, split: str | None = None, src_field: str = "src",
 # --- prompts ----------------------------------------------------------------------------
 
 
+# The prompt of each generation task a decoder LM is trained and prompted with (`PromptFormat.for_task`).
+# A style target is in the source's language, so `{tgt_name}` names it; a dialogue prompt is the
+# speaker-labelled turns, ending where the reply starts.
+TASK_TEMPLATES = {
+    "translate": "Translate {src_name} to {tgt_name}:\n{src}\n{tgt_name}:",
+    "style": "Rewrite in modern {tgt_name}:\n{src}\nModern {tgt_name}:",
+    "dialogue": "{src}\nAssistant:",
+}
+SPEAKERS = ("User", "Assistant")
+Source = str | Sequence[str]  # a text, or (dialogue) the turns so far, oldest first, the user's last
+
+
 @dataclass
 class PromptFormat:
     """How a decoder LM sees a pair: `template` (the prompt) then `target` (what it learns).
 
     With `use_chat_template`, the prompt text becomes the user turn of the tokenizer's chat
     template (with the generation prompt), and the target follows as the assistant reply.
+    With `speakers` (dialogue), `src` is one turn or a list of turns, rendered as labelled lines
+    (`User: …` / `Assistant: …`, the last turn the user's) or, with a chat template, as its messages.
     """
 
-    template: str = "Translate {src_name} to {tgt_name}:\n{src}\n{tgt_name}:"
+    template: str = TASK_TEMPLATES["translate"]
     target: str = " {tgt}"
     use_chat_template: bool = False
     system: str | None = None
+    speakers: tuple[str, str] | None = None
 
-    def prompt_text(self, src: str, src_lang: str, tgt_lang: str) -> str:
-        return self.template.format(src=src, src_lang=src_lang, tgt_lang=tgt_lang,
+    @classmethod
+    def for_task(cls, task: str = "translate", use_chat_template: bool = False,
+                 template: str | None = None) -> PromptFormat:
+        """The prompt of `task` (translate | style | dialogue); `template` replaces its text."""
+        if task not in TASK_TEMPLATES:
+            raise ValueError(f"no prompt for task {task!r}; generation tasks are {sorted(TASK_TEMPLATES)}")
+        return cls(template=template or TASK_TEMPLATES[task], use_chat_template=use_chat_template,
+                   speakers=SPEAKERS if task == "dialogue" else None)
+
+    @classmethod
+    def from_training(cls, training: dict[str, Any], template: str | None = None) -> PromptFormat:
+        """The prompt an adapter was trained with, from the `training` record in its file's header."""
+        task = training.get("task") if training.get("task") in TASK_TEMPLATES else "translate"
+        return cls.for_task(task, bool(training.get("chat_template")), template or training.get("prompt"))
+
+    def turns(self, src: Source) -> list[str]:
+        turns = [src] if isinstance(src, str) else list(src)
+        if not turns or (len(turns) > 1 and self.speakers is None):
+            raise ValueError(f"got {len(turns)} turns for a prompt without speakers: only a dialogue prompt "
+                             "(PromptFormat.for_task('dialogue')) takes a list of turns")
+        return turns
+
+    def render_turns(self, src: Source) -> str:
+        """`["hi", "hello", "how are you?"]` → `User: hi\nAssistant: hello\nUser: how are you?`."""
+        user, assistant = self.speakers or SPEAKERS
+        turns = self.turns(src)
+        last = len(turns) - 1
+        return "\n".join(f"{user if (last - i) % 2 == 0 else assistant}: {turn}" for i, turn in enumerate(turns))
+
+    def prompt_text(self, src: Source, src_lang: str, tgt_lang: str) -> str:
+        text = self.render_turns(src) if self.speakers else self.turns(src)[0]
+        return self.template.format(src=text, src_lang=src_lang, tgt_lang=tgt_lang,
                                     src_name=language_name(src_lang),
                                     tgt_name=language_name(tgt_lang))
 
-    def prompt_ids(self, tokenizer: Any, src: str, src_lang: str, tgt_lang: str) -> list[int]:
-        text = self.prompt_text(src, src_lang, tgt_lang)
+    def messages(self, src: Source, src_lang: str, tgt_lang: str) -> list[dict[str, str]]:
+        """The chat-template messages: dialogue turns as user/assistant turns, else the prompt as one user turn."""
+        messages = ([{"role": "system", "content": self.system}] if self.system else [])
+        if self.speakers is None:
+            return [*messages, {"role": "user", "content": self.prompt_text(src, src_lang, tgt_lang)}]
+        turns = self.turns(src)
+        last = len(turns) - 1
+        return [*messages, *({"role": "user" if (last - i) % 2 == 0 else "assistant", "content": turn}
+                             for i, turn in enumerate(turns))]
+
+    def prompt_ids(self, tokenizer: Any, src: Source, src_lang: str, tgt_lang: str) -> list[int]:
         if not self.use_chat_template:
-            return tokenizer(text, add_special_tokens=True)["input_ids"]
+            return tokenizer(self.prompt_text(src, src_lang, tgt_lang), add_special_tokens=True)["input_ids"]
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("use_chat_template=True but the tokenizer has no chat_template")
-        messages = ([{"role": "system", "content": self.system}] if self.system else [])
-        messages.append({"role": "user", "content": text})
-        chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+        chat = tokenizer.apply_chat_template(self.messages(src, src_lang, tgt_lang), add_generation_prompt=True,
                                              tokenize=False)
         return tokenizer(chat, add_special_tokens=False)["input_ids"]
 
@@ -195,16 +247,19 @@ def pad_id(tokenizer: Any) -> int:
     return pad
 
 
-def _truncate_source(tokenizer: Any, src: str, limit: int | None) -> tuple[str, bool]:
+def _truncate_source(tokenizer: Any, src: Source, limit: int | None) -> tuple[Source, bool]:
     if limit is None:
         return src, False
+    if not isinstance(src, str):  # dialogue turns: each kept to the limit
+        cut = [_truncate_source(tokenizer, turn, limit) for turn in src]
+        return [turn for turn, _ in cut], any(was_cut for _, was_cut in cut)
     ids = tokenizer(src, add_special_tokens=False)["input_ids"]
     if len(ids) <= limit:
         return src, False
     return tokenizer.decode(ids[:limit]), True
 
 
-def encode_decoder_example(tokenizer: Any, src: str, tgt: str | None, src_lang: str,
+def encode_decoder_example(tokenizer: Any, src: Source, tgt: str | None, src_lang: str,
                            tgt_lang: str, prompt: PromptFormat,
                            max_source_len: int | None = None,
                            max_target_len: int | None = None) -> tuple[dict, bool, bool]:

@@ -15,6 +15,7 @@ SUBCOMMANDS = [
     ("adaptkit.cli.train", "add_train_commands"),
     ("adaptkit.cli.demo", "add_demo_command"),
     ("adaptkit.cli.bench", "add_bench_commands"),
+    ("adaptkit.cli.generate", "add_generate_command"),
 ]
 
 

@@ -68,9 +68,7 @@ def eval_command(args: argparse.Namespace) -> int:
         rows = rows.select(range(min(args.samples, len(rows))))
     prompt = None
     if model.family == "decoder":
-        prompt = PromptFormat(use_chat_template=bool(training.get("chat_template")))
-        if args.prompt or training.get("prompt"):
-            prompt.template = args.prompt or training["prompt"]
+        prompt = PromptFormat.from_training(training, args.prompt)
     results = evaluate(model, rows, name, prompt=prompt, generate=not args.no_generate, batch_size=args.batch_size,
                        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
                        max_source_len=training.get("max_source_len", 256),

@@ -35,6 +35,10 @@ class TrainConfig:
     method: str = option("lora", help="family of a new adapter: lora | adalora | prefix | bottleneck")
     adapter_options: dict = option(factory=dict, help='the family\'s config, e.g. r=16,alpha=32 or \'{"r": 16}\'')
     full: bool = option(False, help="fine-tune the whole backbone instead (the baseline adapters are measured against)")
+    task: Literal["translate", "style", "dialogue", "classify"] = option(
+        "translate", help="translate: text pairs, seq2seq or decoder LM; style: rewrite src as tgt (same language); "
+                          "dialogue: src turn(s) → tgt reply; classify: {text, label} rows, an encoder "
+                          "adapter with a classification head saved in its file")
     # data
     data: str | None = option(None, help="shipped sample name, directory of {train,dev,test}.jsonl, or a file")
     train_split: str = option("train", help="split to train on")
@@ -85,6 +89,11 @@ class TrainConfig:
             raise ValueError(f"schedule must be linear, cosine or constant; got {self.schedule!r}")
         if self.metric is not None and self.metric not in MODES:
             raise ValueError(f"metric must be one of {sorted(MODES)}; got {self.metric!r}")
+        if self.task not in ("translate", "style", "dialogue", "classify"):
+            raise ValueError(f"task must be translate, style, dialogue or classify; got {self.task!r}")
+        if self.task == "dialogue" and self.metric in ("bleu", "chrf", "ter"):
+            raise ValueError(f"a reply has no single right answer to score {self.metric} against; dialogue runs "
+                             "keep the adapter with the lowest loss (metric=loss)")
         if self.metric not in (None, "loss") and not self.generate:
             raise ValueError(f"metric {self.metric!r} is computed on generated output; set generate=True")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -92,7 +101,7 @@ class TrainConfig:
 
     @property
     def best_metric(self) -> str:
-        return self.metric or ("chrf" if self.generate else "loss")
+        return self.metric or ("chrf" if self.generate and self.task != "dialogue" else "loss")
 
     @property
     def checkpoint_interval(self) -> int:

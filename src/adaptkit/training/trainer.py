@@ -38,6 +38,7 @@ from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import METHODS, adapter_class_for
 from adaptkit.data import PromptFormat
+from adaptkit.evaluation.generation import dialogue_metrics
 from adaptkit.evaluation.loss import can_slice_head, label_tokens, loss_inputs
 from adaptkit.evaluation.scoring import is_better
 from adaptkit.evaluation.translation import evaluate
@@ -248,12 +249,9 @@ class Recipe:
             if getattr(self.cfg, key) is None and first.get(key):
                 setattr(self.cfg, key, first[key])
 
-    def _prompt_format(self) -> Any:
-
-        prompt = PromptFormat(use_chat_template=self.cfg.chat_template)
-        if self.cfg.prompt is not None:
-            prompt.template = self.cfg.prompt
-        return prompt
+    def _prompt_format(self) -> PromptFormat:
+        """The task's prompt (`cfg.prompt` replaces its text): what Generator / Translator prompt with later."""
+        return PromptFormat.for_task(self.cfg.task, self.cfg.chat_template, self.cfg.prompt)
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -328,6 +326,12 @@ class Recipe:
     def evaluate(self) -> dict[str, float]:
         """Dev loss and, with `generate`, BLEU / chrF / TER of greedy or beam output."""
         cfg = self.cfg
+        if cfg.task == "dialogue":
+            with self.accelerator.autocast():
+                return dialogue_metrics(self.model, self.dev_rows, self.route, prompt=self.prompt, encoded=self.dev_enc,
+                                        generate=cfg.generate, batch_size=cfg.eval_batch_size,
+                                        max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
+                                        slice_head=cfg.slice_head)
         with self.accelerator.autocast():
             return evaluate(self.model, self.dev_rows, self.route, prompt=self.prompt, encoded=self.dev_enc,
                               generate=cfg.generate, batch_size=cfg.eval_batch_size, num_beams=cfg.num_beams,
@@ -378,7 +382,8 @@ class Recipe:
                 ckpt.save_full(self.model, self.output, metrics, self.training_metadata())
             else:
                 self.model.save_adapter(cfg.adapter, self.output, metrics=metrics, training=self.training_metadata(),
-                                        src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, domain=cfg.domain)
+                                        src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang, domain=cfg.domain,
+                                        task=cfg.task)
         acc.wait_for_everyone()
 
     def finish(self) -> None:
