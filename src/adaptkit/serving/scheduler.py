@@ -208,8 +208,12 @@ class Scheduler:
         except Exception as exc:  # noqa: BLE001 — one bad batch must not kill the worker
             error = ApiError(500, "internal_error", f"generation failed: {type(exc).__name__}: {exc}")
         seconds = time.perf_counter() - started
-        names = {name for name in routes if name is not None}
+        if self.metrics is not None:  # before the answers go out: a client that reads /metrics next sees this batch
+            self.metrics.batch_rows.observe(len(batch))
+            self.metrics.batch_adapters.observe(len({name for name in routes if name is not None}))
+            self.metrics.batch_seconds.observe(seconds)
         with self._cond:
+            self.batches_run += 1
             by_job: dict[int, tuple[Job, list[int], list[str]]] = {}
             for i, row in enumerate(batch):
                 entry = by_job.setdefault(id(row.job), (row.job, [], []))
@@ -223,12 +227,7 @@ class Scheduler:
                 else:
                     job.set_rows(indices, outputs, seconds)
             self._in_batch = frozenset()
-            self.batches_run += 1
             self._cond.notify_all()
-        if self.metrics is not None:
-            self.metrics.batch_rows.observe(len(batch))
-            self.metrics.batch_adapters.observe(len(names))
-            self.metrics.batch_seconds.observe(seconds)
 
     # -- the loader thread -----------------------------------------------------------------------
     def _load_loop(self) -> None:

@@ -1,0 +1,313 @@
+"""Load on the HTTP service: batching across adapters vs. one adapter per batch vs. one request at a time.
+
+    python benchmarks/serve_load.py            # full: ~15-25 min on 2 quiet CPU cores (plus ~4 min training)
+    python benchmarks/serve_load.py --quick    # ~6-10 min: fewer requests, shorter outputs, 4 steps per adapter
+
+On gemma3-270m with 4 real adapters of four families, each trained briefly with `ak.train` on a shipped
+sample (12 steps of batch 4 in the full run: they translate poorly, but they are real adapters of real
+size; the benchmark measures serving, not quality):
+
+    en-de/software  LoRA r8 (all linear)        libreoffice-help-en-de
+    en-es/software  AdaLoRA r8 -> 4             libreoffice-help-en-es
+    en-de/ui        prefix, 16 virtual tokens   libreoffice-ui-en-de
+    en-es/bible     bottleneck (Pfeiffer, /8)   bible-en-es
+
+Closed-loop clients (each sends one-sentence requests back to back) at 1, 8 and 32 concurrent
+clients, against an in-process uvicorn server over one model:
+
+    (a) mixed       requests round-robin over the 4 adapters, cross-adapter batching (max_batch 32)
+    (b) per-adapter the same requests, at most one adapter per generate call
+    (c) one-by-one  the same requests, max_batch 1: one request at a time
+    (s) single      the same sentences, all sent to one adapter (en-de/software), batching as (a)
+
+Throughput is sentences per second over the run; latency is per request (send to answer). Outputs of
+(a) and (b) are compared with (c) — the same request served alone — and the share that is identical
+is reported (float32: a batch's padding can move a near-tie). Client and server share one process and
+its CPU. Writes benchmarks/results/serve_load[-quick].{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+import uvicorn
+
+import adaptkit as ak
+from adaptkit.corpora import load_sample
+from adaptkit.serving.app import create_app
+from adaptkit.serving.settings import ServeSettings
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path("runs/serve_load")
+ADAPTERS = [  # name, sample, src, tgt, domain, config, lr
+    ("en-de/software", "libreoffice-help-en-de", "en", "de", "software",
+     lambda s: ak.LoRA(r=8, alpha=16, targets="all-linear"), 1e-3),
+    ("en-es/software", "libreoffice-help-en-es", "en", "es", "software",
+     lambda s: ak.AdaLoRA(init_r=8, target_r=4, total_steps=max(2, s)), 2e-3),
+    ("en-de/ui", "libreoffice-ui-en-de", "en", "de", "ui", lambda s: ak.Prefix(length=16), 1e-2),
+    ("en-es/bible", "bible-en-es", "en", "es", "bible", lambda s: ak.Bottleneck(reduction=8, placement="pfeiffer"),
+     2e-3),
+]
+SINGLE = "en-de/software"
+MODES = {
+    "mixed": dict(max_batch=32),
+    "per-adapter": dict(max_batch=32, max_adapters_per_batch=1),
+    "one-by-one": dict(max_batch=1),
+    "single": dict(max_batch=32),
+}
+
+
+def train_adapters(model: ak.AdaptedModel, work: Path, steps: int) -> dict[str, Any]:
+    """Train the 4 adapters (or reuse the ones a previous run with as many steps left in the store)."""
+    done: dict[str, Any] = {}
+    for name, sample, src, tgt, domain, config, lr in ADAPTERS:
+        path = model.store.path_for(name)
+        if path.is_file() and (ak.read_adapter_info(path).get("training") or {}).get("serve_load_steps") == steps:
+            done[name] = {"reused": True}
+            continue
+        started = time.perf_counter()
+        ak.train(model, adapter=name, train=sample, dev=None, adapter_config=config(steps), max_steps=steps,
+                 batch_size=4, lr=lr, warmup_steps=1, eval_every=None, generate=False, max_source_len=64,
+                 max_target_len=64, src_lang=src, tgt_lang=tgt, domain=domain, progress=False, resume=False,
+                 output_dir=str(work / "train" / name.replace("/", "_")))
+        model.save_adapter(name, path, training={"serve_load_steps": steps, "sample": sample},
+                           src_lang=src, tgt_lang=tgt, domain=domain)
+        model.remove_adapter(name)
+        done[name] = {"train_seconds": round(time.perf_counter() - started, 1), "file_bytes": path.stat().st_size}
+        print(f"trained {name} ({steps} steps) in {done[name]['train_seconds']} s", flush=True)
+    return done
+
+
+def sentences(count: int) -> dict[str, list[str]]:
+    """Test-split sources of each adapter's sample, short enough that prefill does not dominate."""
+    out = {}
+    for name, sample, *_ in ADAPTERS:
+        rows = [r["src"] for r in load_sample(sample, "test") if 20 <= len(r["src"]) <= 160]
+        out[name] = rows[:count]
+    return out
+
+
+@contextlib.contextmanager
+def serving(model: ak.AdaptedModel, settings: ServeSettings) -> Iterator[tuple[str, Any]]:
+    """A uvicorn server on a free port, in a thread of this process, for one mode."""
+    app = create_app(model, settings=settings)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        server.should_exit = True
+        thread.join(120)
+
+
+def requests_for(mode: str, n: int, texts: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Request k: adapter k mod 4, the k-th sentence of that adapter; `single` sends the same texts to one."""
+    out = []
+    for k in range(n):
+        name, _, src, tgt, *_ = ADAPTERS[k % len(ADAPTERS)]
+        text = texts[name][(k // len(ADAPTERS)) % len(texts[name])]
+        if mode == "single":
+            name, src, tgt = SINGLE, "en", "de"
+        out.append({"texts": [text], "adapter": name, "src_lang": src, "tgt_lang": tgt})
+    return out
+
+
+async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, max_new_tokens: int
+                      ) -> tuple[float, list[float], list[str]]:
+    """`clients` workers send the requests back to back; returns wall seconds, latencies, outputs in order."""
+    queue = list(enumerate(bodies))
+    latencies: list[float] = [0.0] * len(bodies)
+    outputs: list[str] = [""] * len(bodies)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+        async def worker() -> None:
+            while queue:
+                k, body = queue.pop(0)
+                started = time.perf_counter()
+                response = await client.post("/v1/translate", json={**body, "num_beams": 1,
+                                                                    "max_new_tokens": max_new_tokens})
+                response.raise_for_status()
+                latencies[k] = time.perf_counter() - started
+                outputs[k] = response.json()["translations"][0]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        return time.perf_counter() - started, latencies, outputs
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def histogram_totals(app: Any, metric: str) -> tuple[float, float]:
+    registry = app.state.metrics.registry
+    return registry.get_sample_value(f"{metric}_sum") or 0.0, registry.get_sample_value(f"{metric}_count") or 0.0
+
+
+def mean_since(app: Any, metric: str, before: tuple[float, float]) -> float | None:
+    total, count = histogram_totals(app, metric)
+    return round((total - before[0]) / (count - before[1]), 2) if count > before[1] else None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    work = WORK / "".join(c if c.isalnum() or c in "-_." else "_" for c in args.backbone)
+    model = ak.load(args.backbone, store=work / "store")
+    trained = train_adapters(model, work, args.steps)
+    per_level = {c: max(8, min(2 * c, 32)) if args.quick else max(16, 2 * c) for c in args.clients}
+    texts = sentences(max(per_level.values()))
+    results: dict[str, Any] = {
+        "backbone": args.backbone, "quick": args.quick, "steps_per_adapter": args.steps,
+        "max_new_tokens": args.max_new_tokens, "max_wait_ms": args.max_wait_ms, "adapters": trained,
+        "clients": args.clients, "requests": {str(c): per_level[c] for c in args.clients}, "modes": MODES,
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                    "python": platform.python_version(), "platform": platform.platform()},
+        "runs": [],
+    }
+    outputs: dict[tuple[str, int], list[str]] = {}
+    for clients in args.clients:  # modes interleaved per level: slow drift of a shared machine hits all alike
+        for mode, knobs in MODES.items():
+            bodies = requests_for(mode, per_level[clients], texts)
+            settings = ServeSettings(max_wait_ms=args.max_wait_ms, max_queue=4096, **knobs)
+            with serving(model, settings) as (url, app):
+                warm = [requests_for(mode, len(ADAPTERS), texts)[i] for i in range(len(ADAPTERS))]
+                asyncio.run(closed_loop(url, warm, 1, 4))  # every adapter resident, first-call costs paid
+                rows_before = histogram_totals(app, "adaptkit_batch_rows")
+                adapters_before = histogram_totals(app, "adaptkit_batch_adapters")
+                wall, latencies, outs = asyncio.run(closed_loop(url, bodies, clients, args.max_new_tokens))
+                batches = int(histogram_totals(app, "adaptkit_batch_rows")[1] - rows_before[1])
+                rows = mean_since(app, "adaptkit_batch_rows", rows_before)
+                adapters = mean_since(app, "adaptkit_batch_adapters", adapters_before)
+            outputs[(mode, clients)] = outs
+            record = {"mode": mode, "clients": clients, "requests": len(bodies), "seconds": round(wall, 2),
+                      "sentences_per_s": round(len(bodies) / wall, 3),
+                      "p50_s": round(percentile(latencies, 0.5), 3), "p95_s": round(percentile(latencies, 0.95), 3),
+                      "mean_s": round(statistics.fmean(latencies), 3), "batches": batches,
+                      "mean_rows_per_batch": rows, "mean_adapters_per_batch": adapters}
+            results["runs"].append(record)
+            print(json.dumps(record), flush=True)
+    agreement = {}
+    for clients in args.clients:
+        alone = outputs[("one-by-one", clients)]
+        for mode in ("mixed", "per-adapter"):
+            same = sum(a == b for a, b in zip(outputs[(mode, clients)], alone))
+            agreement[f"{mode}@{clients}"] = round(same / len(alone), 3)
+    results["identical_to_one_by_one"] = agreement
+    results["examples"] = [{"adapter": b["adapter"], "src": b["texts"][0], "translation": o}
+                           for b, o in zip(requests_for("mixed", 8, texts)[:4],
+                                           outputs[("mixed", args.clients[-1])][:4])]
+    results["ratios"] = ratios(results["runs"])
+    results["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
+    return results
+
+
+def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    by = {(r["mode"], r["clients"]): r["sentences_per_s"] for r in runs}
+    out = {}
+    for clients in sorted({r["clients"] for r in runs}):
+        out[f"mixed/one-by-one@{clients}"] = round(by[("mixed", clients)] / by[("one-by-one", clients)], 2)
+        out[f"mixed/per-adapter@{clients}"] = round(by[("mixed", clients)] / by[("per-adapter", clients)], 2)
+        out[f"mixed/single@{clients}"] = round(by[("mixed", clients)] / by[("single", clients)], 2)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    lines = [f"# Serving load: {results['backbone']}, 4 adapters of 4 families"
+             + (" (quick)" if results["quick"] else ""), "",
+             f"{results['steps_per_adapter']} training steps per adapter; greedy, max_new_tokens "
+             f"{results['max_new_tokens']}; one sentence per request; closed-loop clients; server and clients in "
+             f"one process on {results['machine']['cpus']} CPU cores (torch threads: "
+             f"{results['machine']['torch_threads']}); {results['wall_minutes']} min in all.", "",
+             "| clients | mode | requests | sentences/s | p50 s | p95 s | batches | rows/batch | adapters/batch |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        lines.append(f"| {r['clients']} | {r['mode']} | {r['requests']} | {r['sentences_per_s']:.2f} | "
+                     f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['batches']} | {r['mean_rows_per_batch']} | "
+                     f"{r['mean_adapters_per_batch']} |")
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f}× |" for k, v in results["ratios"].items()]
+    top = max(results["clients"])
+    lines += ["", f"Goals at {top} clients: mixed ≥ 3× one-by-one — "
+              f"{'met' if results['ratios'][f'mixed/one-by-one@{top}'] >= 3 else 'not met'} "
+              f"({results['ratios'][f'mixed/one-by-one@{top}']:.2f}×); mixed ≥ 0.8× single adapter — "
+              f"{'met' if results['ratios'][f'mixed/single@{top}'] >= 0.8 else 'not met'} "
+              f"({results['ratios'][f'mixed/single@{top}']:.2f}×).", "",
+              "Outputs identical to the same request served alone (one-by-one): "
+              + ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["identical_to_one_by_one"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in MODES:
+        runs = [r for r in results["runs"] if r["mode"] == mode]
+        xs = [r["clients"] for r in runs]
+        left.plot(xs, [r["sentences_per_s"] for r in runs], marker="o", label=mode)
+        right.plot(xs, [r["p95_s"] for r in runs], marker="o", label=mode)
+    for axis, label in ((left, "sentences / s"), (right, "p95 latency (s)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(results["clients"], [str(c) for c in results["clients"]])
+        axis.set_xlabel("concurrent clients")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    left.legend()
+    fig.suptitle(f"{results['backbone']}: 4 adapters over one backbone, served over HTTP")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests, shorter outputs, 4 training steps")
+    parser.add_argument("--backbone", default="gemma3-270m")
+    parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 12; quick 4)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default 48; quick 24")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (4 if args.quick else 12)
+    args.max_new_tokens = args.max_new_tokens or (24 if args.quick else 48)
+    results = run(args)
+    stem = "serve_load-quick" if args.quick else "serve_load"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+    (args.out / f"{stem}.md").write_text(markdown(results))
+    plot(results, args.out / f"{stem}.png")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
