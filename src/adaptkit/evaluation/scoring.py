@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 # Which way is better for each metric the trainer can early-stop on.
-MODES = {"loss": "min", "bleu": "max", "chrf": "max", "ter": "min"}
+MODES = {"loss": "min", "bleu": "max", "chrf": "max", "ter": "min", "accuracy": "max", "macro_f1": "max"}
 
 
 def translation_metrics(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:

@@ -2,11 +2,19 @@
 
 One batch may mix language pairs and domains: each row's prompt is built for its own pair and
 the row is routed to its own adapter, all in one `generate` call over the shared backbone.
+
+`domain="auto"` (for all rows, or per row) asks a domain classifier — an encoder adapter with a
+classification head on its own small backbone (tasks/classify.py) — for each row's domain, then
+routes by (src, tgt, predicted domain). Below `domain_threshold` the prediction is not trusted
+and the row goes to the pair's general adapter (the one with no domain), as a row with no
+domain would. `translate_detailed` says per row what was predicted, how sure, and where it went.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,19 +22,50 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from adaptkit.core.bank import AdaptedModel
+from adaptkit.core.errors import AdapterError
 from adaptkit.data import PromptFormat, decode_generated, prompt_inputs
+from adaptkit.tasks.classify import Classifier
+
+AUTO = "auto"  # domain="auto": predicted per row by the domain classifier
+
+
+@dataclass(frozen=True)
+class Translation:
+    """One row of `translate_detailed`: the text, where the row was routed, and why."""
+
+    text: str
+    adapter: Any  # the adapter spec the row ran with (None: the bare backbone)
+    domain: str | None  # the domain it was routed by: given, predicted, or None (below the threshold)
+    predicted_domain: str | None = None  # domain="auto" rows: the classifier's label
+    domain_probability: float | None = None  # ... and its probability
 
 
 class Translator:
-    """Pick adapters by the routing keys saved in their files (`src_lang`, `tgt_lang`, `domain`)."""
+    """Pick adapters by the routing keys saved in their files (`src_lang`, `tgt_lang`, `domain`).
+
+    `domain_classifier` (a `Classifier`, or the path of a classification adapter file, loaded on
+    the backbone it names) predicts the domain of `domain="auto"` rows; `domain_labels` renames
+    its labels to the translation adapters' domain keys where they differ.
+    """
 
     def __init__(self, model: AdaptedModel, prompt: PromptFormat | None = None, batch_size: int = 16,
-                 max_source_len: int | None = 256):
+                 max_source_len: int | None = 256, domain_classifier: Classifier | str | Path | None = None,
+                 domain_threshold: float = 0.5, domain_labels: Mapping[str, str] | None = None):
         model.require_tokenizer("Translator")
         self.model = model
         self.prompt = prompt  # None: data.PromptFormat() for decoders, bare sources for seq2seq
         self.batch_size = batch_size
         self.max_source_len = max_source_len
+        if isinstance(domain_classifier, (str, Path)):
+            domain_classifier = Classifier.from_file(domain_classifier)
+        if domain_classifier is not None and domain_classifier.model is model:
+            raise AdapterError("the domain classifier must run on its own (encoder) backbone, not the translation "
+                               "backbone; load it with Classifier.from_file(path)")
+        if not 0.0 <= domain_threshold <= 1.0:
+            raise AdapterError(f"domain_threshold is a probability in [0, 1]; got {domain_threshold}")
+        self.domain_classifier = domain_classifier
+        self.domain_threshold = domain_threshold
+        self.domain_labels = dict(domain_labels or {})
 
     def adapter_for(self, src_lang: str, tgt_lang: str, domain: str | None = None) -> str | None:
         """The loaded adapter whose metadata matches; a pair-only adapter serves any domain."""
@@ -38,11 +77,41 @@ class Translator:
                   num_beams: int = 4, max_new_tokens: int = 128, progress: bool = False, **generate_kwargs: Any
                   ) -> list[str]:
         """Translate `texts`; languages and domain may be given per row. `adapter="auto"` routes
-        each row by its (src, tgt, domain); otherwise it is passed to the bank as is."""
+        each row by its (src, tgt, domain); otherwise it is passed to the bank as is. A domain of
+        "auto" is predicted by the domain classifier (see `translate_detailed` for what it said)."""
+        return [row.text for row in self.translate_detailed(
+            texts, src_lang, tgt_lang, domain, adapter, num_beams=num_beams, max_new_tokens=max_new_tokens,
+            progress=progress, **generate_kwargs)]
+
+    def predict_domains(self, texts: Sequence[str]) -> list[tuple[str | None, str, float]]:
+        """(routing domain, predicted label, probability) per text; the routing domain is None below
+        `domain_threshold`, so the row falls back to the pair's general adapter."""
+        if self.domain_classifier is None:
+            raise AdapterError('domain="auto" needs a domain classifier: Translator(model, domain_classifier='
+                               'Classifier.from_file("domain.safetensors"))')
+        out = []
+        for prediction in self.domain_classifier.predict(list(texts)):
+            domain = self.domain_labels.get(prediction.label, prediction.label)
+            trusted = prediction.probability >= self.domain_threshold
+            out.append((domain if trusted else None, prediction.label, prediction.probability))
+        return out
+
+    def translate_detailed(self, texts: Sequence[str], src_lang: str | Sequence[str],
+                           tgt_lang: str | Sequence[str], domain: str | None | Sequence[str | None] = None,
+                           adapter: Any = "auto", num_beams: int = 4, max_new_tokens: int = 128,
+                           progress: bool = False, **generate_kwargs: Any) -> list[Translation]:
+        """`translate`, with each row's adapter, routing domain and (for "auto" rows) the predicted
+        domain and its probability."""
         n = len(texts)
         srcs = _per_row(src_lang, n)
         tgts = _per_row(tgt_lang, n)
         domains = _per_row(domain, n)
+        predicted: dict[int, tuple[str, float]] = {}
+        auto_rows = [i for i, d in enumerate(domains) if d == AUTO]
+        if auto_rows:
+            for i, (routed, label, probability) in zip(auto_rows, self.predict_domains([texts[i] for i in auto_rows])):
+                domains[i] = routed
+                predicted[i] = (label, probability)
         if adapter == "auto":
             routes: list[Any] = [self.adapter_for(s, t, d) for s, t, d in zip(srcs, tgts, domains)]
         else:
@@ -57,7 +126,7 @@ class Translator:
                                             **self._stop_kwargs(inputs["input_ids"].shape[1]), **generate_kwargs)
             decoded = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
             out.extend(self._first_line(text) for text in decoded)
-        return out
+        return [Translation(text, routes[i], domains[i], *predicted.get(i, (None, None))) for i, text in enumerate(out)]
 
     def _one_line(self) -> bool:
         """A decoder prompted for a one-line target is done at the first newline (a bare base model

@@ -39,6 +39,9 @@ class TrainConfig:
         "translate", help="translate: text pairs, seq2seq or decoder LM; style: rewrite src as tgt (same language); "
                           "dialogue: src turn(s) → tgt reply; classify: {text, label} rows, an encoder "
                           "adapter with a classification head saved in its file")
+    pooling: Literal["mean", "cls"] = option("mean", help="classify: the head pools the mean over the attention "
+                                                         "mask, or the first token")
+    class_weights: bool = option(True, help="classify: weight the loss by inverse class frequency (balanced classes)")
     # data
     data: str | None = option(None, help="shipped sample name, directory of {train,dev,test}.jsonl, or a file")
     train_split: str = option("train", help="split to train on")
@@ -94,13 +97,22 @@ class TrainConfig:
         if self.task == "dialogue" and self.metric in ("bleu", "chrf", "ter"):
             raise ValueError(f"a reply has no single right answer to score {self.metric} against; dialogue runs "
                              "keep the adapter with the lowest loss (metric=loss)")
-        if self.metric not in (None, "loss") and not self.generate:
+        if self.task == "classify":
+            if self.full:
+                raise ValueError("task=classify trains an adapter and its head; full fine-tuning is for translation")
+            if self.metric not in (None, "loss", "accuracy", "macro_f1"):
+                raise ValueError(f"classify runs score loss, accuracy and macro_f1; got metric {self.metric!r}")
+        elif self.metric in ("accuracy", "macro_f1"):
+            raise ValueError(f"metric {self.metric!r} scores classification; set task=classify")
+        elif self.metric not in (None, "loss") and not self.generate:
             raise ValueError(f"metric {self.metric!r} is computed on generated output; set generate=True")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
 
     @property
     def best_metric(self) -> str:
+        if self.task == "classify":
+            return self.metric or "macro_f1"
         return self.metric or ("chrf" if self.generate and self.task != "dialogue" else "loss")
 
     @property

@@ -38,11 +38,13 @@ from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import METHODS, adapter_class_for
 from adaptkit.data import PromptFormat
+from adaptkit.evaluation.classification import evaluate_classifier
 from adaptkit.evaluation.generation import dialogue_metrics
 from adaptkit.evaluation.loss import can_slice_head, label_tokens, loss_inputs
 from adaptkit.evaluation.scoring import is_better
 from adaptkit.evaluation.translation import evaluate
 from adaptkit.methods.base import AdapterConfig
+from adaptkit.tasks import classify as C
 from adaptkit.training import checkpoint as ckpt
 from adaptkit.training.config import TrainConfig, read_config_file, slug
 
@@ -165,7 +167,9 @@ class Recipe:
         if not isinstance(model, AdaptedModel):
             model = AdaptedModel.from_pretrained(model or cfg.backbone)
         model.require_tokenizer("training")
-        if model.family not in ("seq2seq", "decoder"):
+        if cfg.task == "classify":
+            C.check_encoder(model)
+        elif model.family not in ("seq2seq", "decoder"):
             raise AdapterError("the trainer trains seq2seq and decoder LMs on text pairs; "
                                f"this backbone is {model.family}")
         self.model, self.family, self.tokenizer = model, model.family, model.tokenizer
@@ -179,17 +183,21 @@ class Recipe:
         dev_rows = D.load_pairs(dev_data, cfg.dev_split) if dev_data is not None else None
         if dev_rows is not None and cfg.eval_samples:
             dev_rows = dev_rows.select(range(min(cfg.eval_samples, len(dev_rows))))
-        self._routing_keys(train_rows)
-        self.prompt = self._prompt_format() if self.family == "decoder" else None
-        encode = dict(tokenizer=self.tokenizer, family=self.family, prompt=self.prompt,
-                      max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
-                      src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
-        train_enc, report = D.encode_pairs(train_rows, **encode)
-        if report.truncated and self.accelerator.is_main_process:
-            print(f"train data: {report}")
+        self.labels: list[str] | None = None  # task=classify: the head's label set
         self.dev_rows = dev_rows
-        self.dev_enc = D.encode_pairs(dev_rows, **encode)[0] if dev_rows is not None else None
-        self.collate = D.Collator(self.tokenizer, self.family)
+        if cfg.task == "classify":
+            train_enc = self._classification_data(train_rows, dev_rows)
+        else:
+            self._routing_keys(train_rows)
+            self.prompt = self._prompt_format() if self.family == "decoder" else None
+            encode = dict(tokenizer=self.tokenizer, family=self.family, prompt=self.prompt,
+                          max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len,
+                          src_lang=cfg.src_lang, tgt_lang=cfg.tgt_lang)
+            train_enc, report = D.encode_pairs(train_rows, **encode)
+            if report.truncated and self.accelerator.is_main_process:
+                print(f"train data: {report}")
+            self.dev_enc = D.encode_pairs(dev_rows, **encode)[0] if dev_rows is not None else None
+            self.collate = D.Collator(self.tokenizer, self.family)
         self.sampler = EpochSampler(len(train_enc), cfg.seed)
         loader = torch.utils.data.DataLoader(train_enc, batch_size=cfg.batch_size, sampler=self.sampler,
                                              collate_fn=self.collate)
@@ -205,6 +213,8 @@ class Recipe:
             if cfg.adapter not in model.adapters:
                 model.add_adapter(cfg.adapter, adapter_config or adapter_class_for(cfg.method).config_class
                                   .from_dict(cfg.adapter_options))
+            if self.labels is not None:
+                C.ensure_head(model, cfg.adapter, self.labels, cfg.pooling)
             self.route = cfg.adapter
             named = [(n, p) for n, p in model.get_adapter(cfg.adapter).named_parameters()
                      if self._requires_grad.get(p, True)]
@@ -237,6 +247,19 @@ class Recipe:
         elif self.accelerator.is_main_process:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self.log_path.write_text("")
+
+    def _classification_data(self, train_rows: Any, dev_rows: Any) -> Any:
+        """{text, label} rows → encoded rows; the label set and (balanced) class weights of the loss."""
+        cfg = self.cfg
+        self.prompt = None
+        self.labels = C.label_names(train_rows)
+        train_enc = C.encode_examples(train_rows, self.tokenizer, self.labels, cfg.max_source_len)
+        self.class_weights = (C.balanced_weights(train_enc["labels"], len(self.labels)) if cfg.class_weights
+                              else None)
+        self.dev_enc = (C.encode_examples(dev_rows, self.tokenizer, self.labels, cfg.max_source_len)
+                        if dev_rows is not None else None)
+        self.collate = C.ClassificationCollator(self.tokenizer)
+        return train_enc
 
     def _need_data(self) -> str:
         if self.cfg.data is None:
@@ -299,18 +322,19 @@ class Recipe:
     def _optimizer_step(self, window: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean token loss, tokens seen)."""
         acc = self.accelerator
-        counts = [label_tokens(b["labels"], self.family) for b in window]
+        counts = [len(b["labels"]) if self.labels is not None else label_tokens(b["labels"], self.family)
+                  for b in window]
         n_global = int(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum"))
         self.wrapped.train()
         loss_sum = 0.0
         for i, (batch, count) in enumerate(zip(window, counts)):
             last = i == len(window) - 1
             with acc.no_sync(self.wrapped) if not last else contextlib.nullcontext():
-                out = self.wrapped(**loss_inputs(batch, self.slice_head), adapter=self.route)
+                loss = self._loss(batch)
                 # out.loss is this micro-batch's token mean; re-weight it to a share of the global
                 # token mean (DDP averages gradients over processes, hence × num_processes).
-                acc.backward(out.loss * (count * acc.num_processes / max(n_global, 1)))
-            loss_sum += float(out.loss.detach()) * count
+                acc.backward(loss * (count * acc.num_processes / max(n_global, 1)))
+            loss_sum += float(loss.detach()) * count
         if self.cfg.max_grad_norm:
             acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -322,10 +346,22 @@ class Recipe:
         totals = acc.reduce(torch.tensor([loss_sum, float(seen)], device=acc.device), "sum")
         return float(totals[0]) / max(n_global, 1), int(totals[1])
 
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One micro-batch's mean loss: per target token (translation) or per row (classification)."""
+        if self.labels is None:
+            return self.wrapped(**loss_inputs(batch, self.slice_head), adapter=self.route).loss
+        logits = C.classification_logits(self.model, batch, self.route, forward=self.wrapped)
+        loss = C.classification_loss(logits, batch["labels"], self.class_weights)
+        term = self.model.get_adapter(self.route).regularization_loss()  # the bank adds it only to a model's loss
+        return loss if term is None else loss + term.to(loss.device)
+
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Dev loss and, with `generate`, BLEU / chrF / TER of greedy or beam output."""
         cfg = self.cfg
+        if self.labels is not None:
+            return evaluate_classifier(self.model, self.dev_enc, self.route, self.labels,
+                                       batch_size=cfg.eval_batch_size, weights=self.class_weights)
         if cfg.task == "dialogue":
             with self.accelerator.autocast():
                 return dialogue_metrics(self.model, self.dev_rows, self.route, prompt=self.prompt, encoded=self.dev_enc,
@@ -392,8 +428,8 @@ class Recipe:
             self.save_output(self.state.last_metrics)
         elif not self.cfg.full and self.state.best_step != self.state.step:
 
-            tensors, _ = read_adapter_file(self.output)
-            self.model.get_adapter(self.cfg.adapter).load_adapter_state_dict(tensors)
+            tensors, info = read_adapter_file(self.output)
+            self.model.get_adapter(self.cfg.adapter).load_file(tensors, info)
 
     def summary(self, seconds: float, tokens: int) -> dict[str, Any]:
         cfg, state = self.cfg, self.state
