@@ -17,6 +17,7 @@ from adaptkit.methods import (
     Prefix,
     register_method,
 )
+from adaptkit.tasks.classify import Classifier
 from adaptkit.tasks.generate import Generator
 from adaptkit.tasks.translate import Translator
 from adaptkit.training.trainer import (  # ak.train is the function; import the rest from adaptkit.training
@@ -28,7 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "AdaLoRA", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "Bottleneck",
-    "Generator", "LoRA", "Prefix",
+    "Classifier", "Generator", "LoRA", "Prefix",
     "TrainConfig", "Translator", "current_routing", "evaluate", "export_peft", "import_peft", "load", "read_adapter_info",
     "register_method", "train",
 ]
