@@ -4,15 +4,23 @@
 """
 
 import asyncio
+import fcntl
 import json
+import os
 import pickle
+import signal
+import stat
 import struct
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
 
 import adaptkit as ak
 from adaptkit.core import adapterfile
+from adaptkit.core.fileheader import tensors_sha256
 from tiny import tiny_batch, tiny_model
 
 
@@ -44,6 +52,7 @@ def _rewrite_metadata(path, out, **changes):
     with safe_open(str(path), "pt") as handle:
         metadata = dict(handle.metadata())
     metadata.update(changes)
+    metadata["adaptkit.sha256"] = tensors_sha256(metadata, tensors)  # a valid checksum: the edit is what is refused
     save_file(tensors, str(out), metadata=metadata)
     return out
 
@@ -59,7 +68,7 @@ def test_bad_files_are_refused_whole(saved, tmp_path):
     truncated.write_bytes(data[: len(data) - 100])
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(data[:-8] + bytes(8))  # flip the last tensor bytes: caught by the checksum
-    pickled = tmp_path / "adapter_model.bin"
+    pickled = tmp_path / "pickled.safetensors"
     pickled.write_bytes(pickle.dumps({"w": [1, 2, 3]}))
     torch_saved = tmp_path / "torch.safetensors"
     torch.save({"w": torch.zeros(2)}, torch_saved)
@@ -110,8 +119,8 @@ def test_config_mismatch_is_refused(saved, tmp_path):
     tensors, info = adapterfile.read_adapter_file(good)
     config = dict(info["config"], r=8)
     wrong = tmp_path / "wrong.safetensors"
-    adapterfile.write_adapter_file(wrong, tensors, {**{k: v for k, v in info.items() if k not in ("sha256", "format")},
-                                                    "config": json.dumps(config)})
+    kept = {k: v for k, v in info.items() if k not in ("sha256", "format", "verified")}
+    adapterfile.write_adapter_file(wrong, tensors, {**kept, "config": json.dumps(config)})
     fresh = ak.AdaptedModel(tiny_model("llama"))
     with pytest.raises(ak.AdapterError, match="does not fit its tensors"):
         fresh.load_adapter(wrong)
@@ -173,12 +182,10 @@ def test_killed_save_leaves_old_file(saved, monkeypatch):
         for p in model.adapter_parameters("good"):
             p.add_(1.0)
 
-    def crash(tensors, filename, metadata=None):
-        with open(filename, "wb") as handle:
-            handle.write(b"partial")
+    def crash(fd):  # the temp file is written, not yet renamed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(adapterfile, "save_file", crash)
+    monkeypatch.setattr(os, "fsync", crash)
     with pytest.raises(KeyboardInterrupt):
         model.save_adapter("good", good)
     assert good.read_bytes() == old
@@ -223,6 +230,134 @@ def test_header_length_ending_in_pickle_byte_still_loads(tmp_path):
             break
     else:
         pytest.skip("no padding gave a 0x80 low byte")
-    from adaptkit.core.adapterfile import _read_header
+    from adaptkit.core.fileheader import read_header
 
-    assert "w" in _read_header(path)
+    with open(path, "rb") as handle:
+        assert "w" in read_header(handle, path.stat().st_size, path.name).tensors
+
+
+def _temps(target):
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}.")
+                  and p.name.endswith(".tmp"))
+
+
+# The child stops between writing its temp file and renaming it, and is killed there with SIGKILL.
+KILLED_CHILD = """
+import os, sys, time, torch
+from adaptkit.core.adapterfile import write_adapter_file
+def stall(fd):
+    print("written", flush=True)
+    time.sleep(600)
+os.fsync = stall
+write_adapter_file(sys.argv[1], {"w": torch.full((1000,), 2.0)}, {"method": "lora", "config": {}})
+"""
+
+
+def test_a_killed_save_leaves_a_temp_file_that_the_next_save_removes(saved, tmp_path):
+    model, good = saved
+    old = good.read_bytes()
+    neighbour = tmp_path / ".other.safetensors.abcd1234.tmp"  # another target's temp: not ours to remove
+    neighbour.write_bytes(b"x")
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(good)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(300, child.kill)
+    watchdog.start()
+    try:
+        line = child.stdout.readline()
+        assert line == "written\n", child.stderr.read()
+        os.kill(child.pid, signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
+    finally:
+        watchdog.cancel()
+        child.kill()
+        child.wait()
+    assert good.read_bytes() == old and len(_temps(good)) == 1  # kill -9 runs no cleanup; the old file is intact
+    model.save_adapter("good", good)
+    assert _temps(good) == [] and neighbour.exists()
+    ak.AdaptedModel(tiny_model("llama")).load_adapter(good)
+
+
+def test_a_temp_file_of_a_save_in_progress_is_kept(saved):
+    model, good = saved
+    live = good.parent / f".{good.name}.live0001.tmp"
+    live.write_bytes(b"another process is writing this")
+    with open(live, "rb") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a live writer holds
+        model.save_adapter("good", good)
+        assert live.exists()
+    model.save_adapter("good", good)
+    assert not live.exists()
+
+
+def test_overwrite_keeps_the_file_permissions(saved, tmp_path):
+    model, good = saved
+    good.chmod(0o640)
+    model.save_adapter("good", good)
+    assert stat.S_IMODE(good.stat().st_mode) == 0o640
+    umask = os.umask(0o022)
+    try:
+        new = model.save_adapter("good", tmp_path / "new.safetensors")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644  # a new file: what open() would create, not 0600
+
+
+def test_names_too_long_for_the_file_system_are_refused_clearly(tmp_path):
+    model = ak.AdaptedModel(tiny_model("llama"), store=tmp_path / "store")
+    long = "x" * 300
+    randomized(model, long, ak.LoRA(r=2), seed=0)
+    with pytest.raises(ak.AdapterError, match="too long"):
+        model.save_adapter(long)  # was OSError errno 36
+    with pytest.raises(ak.AdapterError, match="too long"):
+        model.save_adapter(long, tmp_path / (long + ".safetensors"))
+    with pytest.raises(ak.AdapterError, match="too long"):
+        model.store.path_for("y" * 240)  # fits the file system, not with its suffix and temp name
+    with pytest.raises(ak.AdapterError, match="too long"):
+        model.store.path_for("/".join(["d" * 200] * 25))  # every part fits, the whole path does not
+    assert long not in model.store
+    with pytest.raises(ak.AdapterError, match="no adapter named"):
+        model(**tiny_batch("llama"), adapter="z" * 300)
+    assert model.store.path_for("y" * 200).name == "y" * 200 + ".safetensors"
+
+
+def test_a_symlink_in_the_store_is_replaced_not_written_through(tmp_path):
+    store = tmp_path / "store"
+    model = ak.AdaptedModel(tiny_model("llama"), store=store)
+    batch = tiny_batch("llama")
+    expected = {}
+    for i, name in enumerate(["a", "b"]):
+        randomized(model, name, ak.LoRA(r=2), seed=i)
+        expected[name] = model(**batch, adapter=name).logits
+    victim = model.save_adapter("b")
+    before = victim.read_bytes()
+    (store / "a.safetensors").symlink_to(victim)  # "a" was an alias of "b"
+    model.save_adapter("a")
+    assert victim.read_bytes() == before
+    assert not (store / "a.safetensors").is_symlink()
+    fresh = ak.AdaptedModel(tiny_model("llama"), store=store)
+    for name in ("a", "b"):
+        torch.testing.assert_close(fresh(**batch, adapter=name).logits, expected[name], atol=1e-6, rtol=0)
+
+
+def test_links_never_lead_a_name_outside_the_store(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.safetensors"
+    secret.write_bytes(b"secret")
+    store_dir = tmp_path / "store"
+    store_dir.mkdir()
+    (store_dir / "link.safetensors").symlink_to(secret)
+    (store_dir / "dir").symlink_to(outside)
+    (store_dir / "loop.safetensors").symlink_to(store_dir / "loop.safetensors")
+    store = ak.AdapterStore(store_dir)
+    for name in ("link", "dir/secret", "dir/new", "loop"):
+        with pytest.raises(ak.AdapterError, match="outside the adapter store|link loop in the adapter store"):
+            store.path_for(name)
+        assert name not in store
+    assert store.names() == []
+    model = ak.AdaptedModel(tiny_model("llama"), store=store_dir)
+    for name in ("link", "dir/new"):
+        randomized(model, name, ak.LoRA(r=2), seed=0)
+        with pytest.raises(ak.AdapterError, match="adapter store"):
+            model.save_adapter(name)
+    assert secret.read_bytes() == b"secret" and sorted(p.name for p in outside.iterdir()) == ["secret.safetensors"]

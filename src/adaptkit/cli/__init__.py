@@ -16,20 +16,29 @@ SUBCOMMANDS = [
     ("adaptkit.cli.demo", "add_demo_command"),
     ("adaptkit.cli.bench", "add_bench_commands"),
     ("adaptkit.cli.generate", "add_generate_command"),
+    ("adaptkit.cli.serve", "add_serve_command"),
+    ("adaptkit.cli.translate", "add_translate_command"),
 ]
 
 
 def _info(args: argparse.Namespace) -> int:
+    """The file's metadata as JSON, `"verified": true` once its checksum matched; a bad file is one line."""
     from adaptkit.core.adapterfile import read_adapter_info
+    from adaptkit.core.errors import AdapterError
 
-    print(json.dumps(read_adapter_info(args.path), indent=2, sort_keys=True))
+    try:
+        info = read_adapter_info(args.path)
+    except AdapterError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(info, indent=2, sort_keys=True))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="show the metadata of an adapter file")
+    info = sub.add_parser("info", help="verify an adapter file's checksum and show its metadata")
     info.add_argument("path")
     info.set_defaults(func=_info)
     for module_name, function in SUBCOMMANDS:

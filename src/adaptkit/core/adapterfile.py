@@ -2,154 +2,188 @@
 
 Header `__metadata__` (string → string):
 
-    adaptkit.format    "1"
+    adaptkit.format    "2"
     adaptkit.method    lora | adalora | prefix | bottleneck
     adaptkit.config    the family's config, JSON
     adaptkit.backbone  backbone id and fingerprint, JSON
-    adaptkit.sha256    hash of every tensor's bytes, checked on load
-    adaptkit.name, .task, .src_lang, .tgt_lang, .domain, .metrics   optional
+    adaptkit.sha256    checksum over the whole header and every tensor (fileheader.py); required
+    adaptkit.name, .task, .src_lang, .tgt_lang, .domain   optional strings (routing keys)
+    adaptkit.metrics, .training                           optional, JSON
+    adaptkit.head      a task head's description (kind, labels, sizes), JSON; its tensors are head.*
 
-Writes are atomic (temp file, fsync, rename): a killed save leaves the old file intact. Reads
-check everything before a tensor reaches the model: a bad file is refused whole.
+A file is untrusted input. Reads check, before a tensor reaches the model: the safetensors
+structure (fileheader.py), the format version, the checksum, every metadata value's type, the
+method and the config's field types. A bad file raises AdapterError and returns nothing.
+
+`verify=False` (read_adapter_file, read_adapter_info, AdaptedModel.load_adapter) skips only the
+checksum: for a file you trust that has none, or a wrong one (edited by hand). Format 1 files
+(adaptkit 0.1) carry a checksum of the tensor bytes only, which does not cover the config, so they
+are unverified: they load only with verify=False; saving them again writes format 2.
+
+Writes are atomic (atomicfile.py): a killed save leaves the old file intact, and the next save
+to that path removes the temp file it left.
+
+The store (`AdapterStore`) is a directory of adapter files addressed by name: `en-de/it` is
+`ROOT/en-de/it.safetensors`. No name can point outside it: `..`, `.`, empty parts, absolute names
+and backslashes are refused, and so is a name whose path resolves outside the root through a
+symbolic link (to a file elsewhere, or a linked directory). A link that stays inside is followed
+when reading; a save replaces the link itself, never the file it points to. Names too long for
+the file system (counting the suffix and the temp name of a save) are an AdapterError, not errno 36.
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import os
-import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 
+from adaptkit.core.atomicfile import TEMP_OVERHEAD, write_atomic
 from adaptkit.core.errors import AdapterError
+from adaptkit.core.fileheader import CHECKSUM_KEY, DTYPES, Header, file_sha256, loads_json, read_header, tensors_sha256
 from adaptkit.core.registry import adapter_class_for
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+UNVERIFIABLE_FORMATS = ("1",)  # their checksum covers the tensor bytes only
 PREFIX = "adaptkit."
 ROUTING_KEYS = ("task", "src_lang", "tgt_lang", "domain")
 SUFFIX = ".safetensors"
-_MAX_HEADER = 100 * 1024 * 1024
-
-
-def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return digest.hexdigest()
+BEHAVIOUR_JSON_KEYS = ("config", "backbone", "head")  # JSON that changes what the adapter does: finite numbers
+RECORD_JSON_KEYS = ("metrics", "training")  # a record of the run: a NaN loss is allowed
+_DEFAULT_NAME_MAX = 255
+_DEFAULT_PATH_MAX = 4096
 
 
 def write_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
-    """Write atomically. `metadata` keys are given without the `adaptkit.` prefix."""
+    """Write atomically, checksummed. `metadata` keys are given without the `adaptkit.` prefix."""
     path = Path(path)
     if path.suffix != SUFFIX:
         raise AdapterError(f"adapter files end in {SUFFIX}; got {path.name!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    reserved = sorted({"format", "sha256", "verified"} & set(metadata))
+    if reserved:
+        raise AdapterError(f"metadata {reserved} is written by adaptkit itself; leave it out")
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    header = {f"{PREFIX}format": FORMAT_VERSION, f"{PREFIX}sha256": tensors_sha256(tensors)}
+    header = {f"{PREFIX}format": FORMAT_VERSION}
     for key, value in metadata.items():
         if value is None:
             continue
         header[PREFIX + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    header[CHECKSUM_KEY] = tensors_sha256(header, tensors)
+    write_atomic(path, save_tensors(tensors, metadata=header))
     return path
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse the safetensors header by hand: cheap, and it tells a pickle from a truncated file."""
-    if not path.is_file():
-        raise AdapterError(f"no adapter file at {str(path)!r}")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        # a header length whose low byte is 0x80 (or 0x50 0x4B) looks like a pickle (or zip) start;
-        # a safetensors header always opens with "{" at byte 8, which neither of those has there
-        opens_json = handle.read(1) == b"{"
-        handle.seek(8)
-        if not opens_json and (head[:1] == b"\x80" or head[:2] == b"PK"):
-            raise AdapterError(
-                f"{path.name} is a pickle / torch.save file; adaptkit never unpickles (it can run code). "
-                "Convert it to .safetensors in a trusted environment, or use import_peft for a PEFT directory"
-            )
-        if len(head) < 8:
-            raise AdapterError(f"{path.name} is truncated ({size} bytes): not a complete safetensors file")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(size - 8, _MAX_HEADER):
-            raise AdapterError(f"{path.name} is truncated or not safetensors: header length {length} exceeds the file")
-        try:
-            header = json.loads(handle.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise AdapterError(f"{path.name} is not a safetensors file (unreadable header)") from None
-    ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    if 8 + length + max(ends, default=0) > size:
-        raise AdapterError(f"{path.name} is truncated: the header promises {max(ends)} bytes of tensors, "
-                           f"the file holds {size - 8 - length}")
-    return header
+def read_adapter_file(path: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata, after every check; raises AdapterError and returns nothing on a bad file.
 
-
-def read_adapter_metadata(path: str | Path) -> dict[str, Any]:
-    """The validated `adaptkit.*` metadata, JSON values decoded, keys without the prefix."""
+    verify=False skips the checksum (only for a file you trust; see the module docstring).
+    """
     path = Path(path)
-    raw = _read_header(path).get("__metadata__") or {}
-    if f"{PREFIX}format" not in raw:
-        raise AdapterError(f"{path.name} is a safetensors file but not an adaptkit adapter (no adaptkit.format); "
-                           "for PEFT adapters use import_peft")
-    if raw[f"{PREFIX}format"] != FORMAT_VERSION:
-        raise AdapterError(f"{path.name} has adapter format version {raw[f'{PREFIX}format']!r}; "
-                           f"this adaptkit reads version {FORMAT_VERSION}. Upgrade adaptkit to read it")
-    info: dict[str, Any] = {}
-    for key, value in raw.items():
-        if not key.startswith(PREFIX):
-            continue
-        short = key[len(PREFIX):]
-        if short in ("config", "backbone", "metrics", "training"):
-            value = json.loads(value)
-        info[short] = value
-    adapter_class_for(info.get("method", "<missing>"))  # unknown method → clear error
-    return info
-
-
-def read_adapter_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata, after every check; raises AdapterError and returns nothing on a bad file."""
-    path = Path(path)
-    info = read_adapter_metadata(path)
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError) as error:
+        with open(path, "rb") as handle:
+            read_header(handle, os.fstat(handle.fileno()).st_size, path.name)  # junk is refused before it is read
+            handle.seek(0)
+            raw = handle.read()
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    header, info = _checked(io.BytesIO(raw), len(raw), path.name, verify)  # the bytes checked are those loaded
+    try:
+        tensors = load_tensors(raw)
+    except (SafetensorError, ValueError, RuntimeError) as error:
         raise AdapterError(f"{path.name} is corrupt: {error}") from None
-    if info.get("sha256") and tensors_sha256(tensors) != info["sha256"]:
-        raise AdapterError(f"{path.name} is corrupt: its tensors do not match the checksum in its header")
+    # safetensors parsed the header again; it must have seen what was checked
+    for name, entry in header.tensors.items():
+        tensor = tensors.get(name)
+        if tensor is None or tensor.dtype != DTYPES[entry.dtype] or tuple(tensor.shape) != entry.shape:
+            raise AdapterError(f"{path.name} is corrupt: tensor {name!r} reads differently than its header says")
+    if len(tensors) != len(header.tensors):
+        raise AdapterError(f"{path.name} is corrupt: it holds tensors its header does not describe")
     return tensors, info
 
 
-def read_adapter_info(path: str | Path) -> dict[str, Any]:
-    """Metadata of an adapter file, for humans and routers: method, config, backbone, routing keys."""
-    info = read_adapter_metadata(path)
-    header = _read_header(Path(path))
-    info["num_parameters"] = sum(
-        int(torch.Size(entry["shape"]).numel()) for key, entry in header.items() if key != "__metadata__"
-    )
-    info["file_bytes"] = Path(path).stat().st_size
+def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
+    """Metadata of an adapter file, for humans and routers: method, config, backbone, routing keys,
+    `num_parameters`, `file_bytes`, and `verified` (the checksum was checked and matched)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header, info = _checked(handle, size, path.name, verify)
+    except OSError as error:
+        raise _unreadable(path, error) from None
+    info["num_parameters"] = header.num_elements
+    info["file_bytes"] = size
     return info
 
 
+def _unreadable(path: Path, error: OSError) -> AdapterError:
+    if isinstance(error, FileNotFoundError):
+        return AdapterError(f"no adapter file at {str(path)!r}")
+    return AdapterError(f"cannot read the adapter file {str(path)!r}: {error.strerror or error}")
+
+
+def _checked(handle: Any, size: int, source: str, verify: bool) -> tuple[Header, dict[str, Any]]:
+    """Structure, format, checksum, then metadata and config: the order that gives the clearest error."""
+    header = read_header(handle, size, source)
+    metadata = header.metadata
+    version = metadata.get(f"{PREFIX}format")
+    if version is None:
+        raise AdapterError(f"{source} is a safetensors file but not an adaptkit adapter (no adaptkit.format); "
+                           "for PEFT adapters use import_peft")
+    if version != FORMAT_VERSION and version not in UNVERIFIABLE_FORMATS:
+        raise AdapterError(f"{source} has adapter format version {version!r}; this adaptkit reads versions "
+                           f"{[*UNVERIFIABLE_FORMATS, FORMAT_VERSION]}. Upgrade adaptkit to read it")
+    if verify:
+        _verify(handle, header, version, source)
+    info = _decode(metadata, source)
+    info["verified"] = verify
+    return header, info
+
+
+def _verify(handle: Any, header: Header, version: str, source: str) -> None:
+    if version in UNVERIFIABLE_FORMATS:
+        raise AdapterError(f"{source} is an adapter file of format {version}, whose checksum does not cover its "
+                           "config: it cannot be verified. If you trust it, load it with verify=False and save it "
+                           "again (that writes a verifiable format-2 file)")
+    expected = header.metadata.get(CHECKSUM_KEY)
+    if expected is None:
+        raise AdapterError(f"{source} has no checksum ({CHECKSUM_KEY}), so nothing shows it is intact; "
+                           "load it with verify=False only if you trust where it came from")
+    if file_sha256(handle, header) != expected:
+        raise AdapterError(f"{source} is corrupt or was edited: its content does not match the checksum in its "
+                           "header. Re-export it from the original, or pass verify=False if you trust the edit")
+
+
+def _decode(metadata: dict[str, str], source: str) -> dict[str, Any]:
+    """The `adaptkit.*` entries without the prefix, JSON values decoded and type-checked."""
+    info: dict[str, Any] = {}
+    for key, value in metadata.items():
+        if not key.startswith(PREFIX):
+            continue
+        short = key[len(PREFIX):]
+        if short in BEHAVIOUR_JSON_KEYS or short in RECORD_JSON_KEYS:
+            value = loads_json(value, key, source, finite=short in BEHAVIOUR_JSON_KEYS)
+            if not isinstance(value, dict):
+                raise AdapterError(f"{source}: {key} must be a JSON object, not {type(value).__name__}")
+        info[short] = value
+    for required in ("method", "config"):
+        if required not in info:
+            raise AdapterError(f"{source} has no {PREFIX}{required}: it is damaged or not an adaptkit adapter")
+    try:
+        config_class = adapter_class_for(info["method"]).config_class
+        config_class.from_dict(info["config"])  # field types and bounds, before anyone builds from it
+    except AdapterError as error:
+        raise AdapterError(f"{source}: {error}") from None
+    return info
+
+
+# -- the store -------------------------------------------------------------------------------------
 class AdapterStore:
     """A directory of adapter files addressed by adapter name; no name can point outside it."""
 
@@ -157,24 +191,67 @@ class AdapterStore:
         self.root = Path(root).resolve()
 
     def path_for(self, name: str) -> Path:
-        if not name or "\x00" in name or "\\" in name or name.startswith("/"):
+        """The file for `name`: inside the store, as the name spells it (a link there is not resolved)."""
+        if not isinstance(name, str) or not name or "\x00" in name or "\\" in name or name.startswith("/"):
             raise AdapterError(f"adapter name {name!r} cannot be stored: use letters, digits, '-', '_', '.' and '/'")
         parts = name.split("/")
         if any(part in ("", ".", "..") for part in parts):
             raise AdapterError(f"adapter name {name!r} would leave the adapter store {self.root}; "
                                "'..', '.' and empty path parts are not allowed")
-        path = (self.root / (name + SUFFIX)).resolve()
-        if not path.is_relative_to(self.root):
-            raise AdapterError(f"adapter name {name!r} would leave the adapter store {self.root}")
+        self._check_length(name, parts)
+        path = self.root.joinpath(*parts[:-1], parts[-1] + SUFFIX)
+        try:
+            resolved = path.resolve()
+        except RuntimeError:  # Python < 3.13 raises on a loop
+            raise AdapterError(f"adapter name {name!r} is a symbolic link loop in the adapter store "
+                               f"{self.root}") from None
+        except OSError as error:
+            raise AdapterError(f"adapter name {name!r} cannot be resolved in the adapter store {self.root}: "
+                               f"{error.strerror}") from None
+        if not resolved.is_relative_to(self.root):
+            raise AdapterError(f"adapter name {name!r} leads outside the adapter store {self.root} "
+                               f"(a symbolic link to {str(resolved)!r}); the store never follows links out of it")
         return path
 
+    def _check_length(self, name: str, parts: list[str]) -> None:
+        name_max, path_max = _limits(self.root)
+        try:
+            sizes = [len(os.fsencode(part)) for part in parts]
+            root_size = len(os.fsencode(str(self.root)))
+        except UnicodeError:
+            raise AdapterError(f"adapter name {name!r} cannot be a file name on this system") from None
+        sizes[-1] += len(SUFFIX) + TEMP_OVERHEAD
+        longest = max(range(len(parts)), key=sizes.__getitem__)
+        if sizes[longest] > name_max:
+            raise AdapterError(
+                f"adapter name {name[:40]!r}… is too long for the file system: its part {parts[longest][:20]!r}… "
+                f"needs {sizes[longest]} bytes as a file name (suffix and temp name included), the limit is "
+                f"{name_max}. Use a shorter name")
+        total = root_size + sum(sizes) + len(parts)
+        if total >= path_max:
+            raise AdapterError(f"adapter name {name[:40]!r}… is too long for the file system: its path in "
+                               f"{self.root} needs {total} bytes, the limit is {path_max}. Use a shorter name")
+
     def names(self) -> list[str]:
+        """Names of the adapters in the store (files that a link would take outside it are left out)."""
         if not self.root.is_dir():
             return []
-        return sorted(str(p.relative_to(self.root))[: -len(SUFFIX)] for p in self.root.rglob("*" + SUFFIX))
+        found = (p.relative_to(self.root).as_posix()[: -len(SUFFIX)] for p in self.root.rglob("*" + SUFFIX))
+        return sorted(name for name in found if name in self)
 
     def __contains__(self, name: str) -> bool:
         try:
             return self.path_for(name).is_file()
-        except AdapterError:
+        except (AdapterError, OSError):
             return False
+
+
+def _limits(root: Path) -> tuple[int, int]:
+    """NAME_MAX and PATH_MAX of the file system the store is on (or will be, once created)."""
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        return os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no such limit
+        return _DEFAULT_NAME_MAX, _DEFAULT_PATH_MAX

@@ -27,6 +27,7 @@ from adaptkit.core.backbone import fingerprint, freeze, load_pretrained
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import adapter_class_for
 from adaptkit.core.routing import AdapterSpec, Routing, current_routing, routing_scope
+from adaptkit.core.safebuild import build_from_file
 
 if TYPE_CHECKING:
     from adaptkit.methods.base import Adapter, AdapterConfig
@@ -191,7 +192,7 @@ class AdaptedModel(nn.Module):
         if name is None:
             return {"backbone": backbone}
         adapter = self.get_adapter(name)
-        saved = adapter.adapter_state_dict()
+        saved = adapter.file_tensors()
         return {
             "trainable": adapter.num_trainable(),
             "saved": sum(t.numel() for t in saved.values()),
@@ -212,36 +213,44 @@ class AdaptedModel(nn.Module):
         path = Path(path) if path is not None else self._store().path_for(name)
         config = adapter.config_for_file()
         metadata = {**self._metadata.get(name, {}), **routing_keys}
-        write_adapter_file(path, adapter.adapter_state_dict(), {
+        write_adapter_file(path, adapter.file_tensors(), {
             "method": adapter.method,
             "config": config.to_json(),
             "backbone": {"id": self.backbone_id, **self._backbone_fingerprint},
             "name": name,
             "metrics": metrics,
             "training": training,
+            **adapter.file_metadata(),
             **metadata,
         })
         return path
 
-    def load_adapter(self, path: str | Path, name: str | None = None, *, check_backbone: bool = True) -> str:
+    def load_adapter(self, path: str | Path, name: str | None = None, *, check_backbone: bool = True,
+                     verify: bool = True) -> str:
         """Hot-load the adapter file at `path` onto this backbone; returns its name.
 
         `path` is a file path chosen by the caller, read wherever it points, store or not: never pass
         a name that came from outside (a request, an upload) here. Names go through `load_from_store`,
         which the routing uses and which can never leave the store.
         Everything is checked and built before the bank changes: a failed load leaves it as it was.
+        The file is untrusted: its checksum must match (verify=False skips only that, for a file you
+        trust that has none or a wrong one), and its config is tried on the meta device before any
+        memory is allocated from it (safebuild.py).
         """
         path = self._explicit_path(path)
-        tensors, info = read_adapter_file(path)
+        tensors, info = read_adapter_file(path, verify=verify)
         if check_backbone:
-            check_backbone_fn(info.get("backbone", {}), self._backbone_fingerprint, path.name)
-        adapter_class = adapter_class_for(info["method"])
-        config = adapter_class.config_class.from_dict(info["config"])
+            try:
+                check_backbone_fn(info.get("backbone", {}), self._backbone_fingerprint, path.name)
+            except AdapterError:
+                raise
+            except (TypeError, ValueError, RuntimeError) as error:  # a damaged fingerprint in a verified file
+                raise AdapterError(f"{path.name}: its backbone fingerprint cannot be read ({error})") from None
         name = name or info.get("name") or path.stem
         if name in self._slots:
             raise AdapterError(f"an adapter named {name!r} is already loaded; pass name=... to load it under another")
-        adapter = adapter_class(name, config, self.arch)
-        adapter.load_adapter_state_dict(tensors)
+        adapter = build_from_file(adapter_class_for(info["method"]), name, tensors, info, self.arch,
+                                  backbone_elements=self._backbone_fingerprint["num_parameters"], source=path.name)
         self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")})
         return name
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
@@ -20,7 +21,11 @@ from torch import nn
 
 from adaptkit.core.arch import Arch
 from adaptkit.core.errors import AdapterError
+from adaptkit.core.jsontypes import Mismatch, conform, describe
 from adaptkit.core.routing import Routing, current_routing
+from adaptkit.methods.heads import head_from_spec
+
+HEAD_PREFIX = "head."  # file (and state_dict) names of an adapter's task head, whatever the family
 
 
 @dataclasses.dataclass
@@ -37,14 +42,34 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        """The config that `data` (decoded JSON, e.g. a file header's) describes; AdapterError if it cannot be.
+
+        Every value must have its field's annotated type (bool, int, float, str, None, tuples, dicts):
+        a list becomes a tuple and an int a float where the field says so, nothing else is converted.
+        The data may come from an untrusted file: a string `scaling` once loaded and failed every forward.
+        """
+        if not isinstance(data, dict):
+            raise AdapterError(f"a {cls.__name__} config must be a JSON object, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise AdapterError(
                 f"{cls.__name__} has no field(s) {sorted(unknown)}; the file may come from a newer adaptkit — upgrade"
             )
-        values = {k: tuple(v) if isinstance(v, list) and k == "targets" else v for k, v in data.items()}
-        return cls(**values)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in data.items():
+            try:
+                values[key] = conform(value, hints[key])
+            except Mismatch:
+                raise AdapterError(f"{cls.__name__}.{key} must be {describe(hints[key])}, "
+                                   f"got {type(value).__name__} {value!r:.80}") from None
+        try:
+            return cls(**values)
+        except AdapterError:
+            raise
+        except (TypeError, ValueError, ArithmeticError) as error:  # a family's own check, in its own words
+            raise AdapterError(f"{cls.__name__} config {values!r:.200} is invalid: {error}") from None
 
 
 class Adapter(nn.Module):
@@ -69,6 +94,7 @@ class Adapter(nn.Module):
         # Per-site parameter holders keyed by the backbone module path ("." spelled ":" because
         # ModuleDict keys cannot hold dots); file names spell it with dots again.
         self.sites = nn.ModuleDict()
+        self.head: nn.Module | None = None  # an optional task head (methods/heads.py); see set_head
 
     def add_site(self, module_path: str, holder: nn.Module) -> nn.Module:
         self.sites[module_path.replace(".", ":")] = holder
@@ -87,7 +113,11 @@ class Adapter(nn.Module):
 
     # -- file I/O: defaults cover families whose parameters are exactly what is saved -----------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {_file_key(k): v.detach().contiguous() for k, v in self.state_dict().items()}
+        return {_file_key(k): v.detach().contiguous() for k, v in self._family_state().items()}
+
+    def _family_state(self) -> dict[str, torch.Tensor]:
+        """`state_dict()` without the task head, which `file_tensors()` adds for every family alike."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(HEAD_PREFIX)}
 
     def load_adapter_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         """Strict: every tensor present, none extra, shapes equal — or nothing is changed."""
@@ -111,20 +141,66 @@ class Adapter(nn.Module):
         self._load_checked(tensors)
 
     def _load_checked(self, tensors: dict[str, torch.Tensor]) -> None:
-        by_file_key = {_file_key(k): k for k in self.state_dict()}
+        by_file_key = {_file_key(k): k for k in self._family_state()}
         with torch.no_grad():
-            self.load_state_dict({by_file_key[k]: v for k, v in tensors.items()}, strict=True)
+            result = self.load_state_dict({by_file_key[k]: v for k, v in tensors.items()}, strict=False)
+        missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]  # the head loads apart
+        if missing or result.unexpected_keys:
+            raise AdapterError(f"adapter {self.name!r} ({self.method}) could not load "
+                               f"{missing or result.unexpected_keys}")
 
     def config_for_file(self) -> AdapterConfig:
         """The config written next to the tensors (AdaLoRA, prefix MLP may change it on save)."""
         return self.config
+
+    # -- the whole file: the family's tensors plus an optional task head --------------------------
+    def set_head(self, head: nn.Module | None) -> None:
+        """Carry a task head (e.g. `ClassificationHead`): it trains, saves and loads with this adapter."""
+        if head is not None:
+            reference = next(self.sites.parameters(), None)
+            if reference is not None:
+                head.to(reference.device)
+        self.head = head
+
+    def file_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the adapter file: the family's, then the head's under `head.*`."""
+        tensors = self.adapter_state_dict()
+        if self.head is not None:
+            tensors.update({HEAD_PREFIX + k: v.detach().contiguous() for k, v in self.head.state_dict().items()})
+        return tensors
+
+    def file_metadata(self) -> dict[str, Any]:
+        """Header entries beyond the family config: the head's description (`adaptkit.head`)."""
+        return {"head": self.head.spec()} if self.head is not None else {}
+
+    def load_file(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        """Load what `file_tensors()` / `file_metadata()` wrote, head rebuilt from its description; all or nothing."""
+        spec = metadata.get("head")
+        spec = json.loads(spec) if isinstance(spec, str) else spec
+        head_tensors = {k[len(HEAD_PREFIX):]: v for k, v in tensors.items() if k.startswith(HEAD_PREFIX)}
+        if spec is None and head_tensors:
+            raise AdapterError(f"adapter {self.name!r}: the file holds head tensors but no adaptkit.head "
+                               "description to rebuild the head from; it is damaged")
+        head = None
+        if spec is not None:
+            same = self.head is not None and getattr(self.head, "spec", lambda: None)() == spec
+            head = self.head if same else head_from_spec(spec)
+            own = head.state_dict()
+            if set(own) != set(head_tensors) or any(own[k].shape != head_tensors[k].shape for k in own):
+                raise AdapterError(f"adapter {self.name!r}: the head tensors in the file "
+                                   f"({sorted(head_tensors)}) do not fit its described head ({sorted(own)})")
+        self.load_adapter_state_dict({k: v for k, v in tensors.items() if not k.startswith(HEAD_PREFIX)})
+        if head is not None:
+            with torch.no_grad():
+                head.load_state_dict(head_tensors)
+            self.set_head(head)
 
     # -- optional capabilities ------------------------------------------------------------------
     def num_trainable(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def num_saved(self) -> int:
-        return sum(t.numel() for t in self.adapter_state_dict().values())
+        return sum(t.numel() for t in self.file_tensors().values())
 
     def merge(self) -> None:
         raise AdapterError(f"{self.method} adapters cannot be merged into the backbone; only the LoRA family can")
