@@ -82,7 +82,8 @@ def train_adapters(model: ak.AdaptedModel, work: Path, steps: int) -> dict[str, 
             continue
         started = time.perf_counter()
         ak.train(model, adapter=name, train=sample, dev=None, adapter_config=config(steps), max_steps=steps,
-                 batch_size=4, lr=lr, warmup_steps=1, eval_every=None, generate=False, max_source_len=64,
+                 batch_size=4, lr=lr, warmup_steps=1, eval_every=None, eval_samples=8, generate=False,
+                 max_source_len=64,
                  max_target_len=64, src_lang=src, tgt_lang=tgt, domain=domain, progress=False, resume=False,
                  output_dir=str(work / "train" / name.replace("/", "_")))
         model.save_adapter(name, path, training={"serve_load_steps": steps, "sample": sample},

@@ -17,6 +17,7 @@ import random
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -434,3 +435,86 @@ def test_queue_bound_and_cancelled_rows_never_run(tmp_path):
         assert scheduler.batches_run == 1 and not first.future.done()
 
     asyncio.run(scenario())
+
+
+def small_store(tmp_path: Path, max_resident: int) -> tuple[ak.AdaptedModel, ak.AdaptedModel]:
+    """Two adapters (LoRA, prefix) in a store; a served model with none resident, and a reference with both."""
+    reference = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"), store=tmp_path)
+    generator = torch.Generator().manual_seed(2)
+    for name, config in (("A", ak.LoRA(r=4, targets="all-linear")), ("B", ak.Prefix(length=3))):
+        reference.add_adapter(name, config)
+        with torch.no_grad():
+            for p in reference.adapter_parameters(name):
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+        reference.save_adapter(name)
+    served = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"), store=tmp_path,
+                             max_resident=max_resident)
+    return served, reference
+
+
+def scheduler_for(model: ak.AdaptedModel) -> Scheduler:
+    catalog = AdapterCatalog(model.store)
+    catalog.refresh()
+    return Scheduler(model, catalog, ServeSettings(max_wait_ms=0))
+
+
+def test_a_slow_load_does_not_hold_up_requests_for_resident_adapters(tmp_path):
+    model, reference = small_store(tmp_path, max_resident=2)
+    model.load_adapter(model.store.path_for("B"), "B")
+    gate = threading.Event()
+    load = model.load_adapter
+
+    def slow_load(path, name=None, **kwargs):
+        if name == "A":
+            assert gate.wait(60), "the test never released the load"
+        return load(path, name, **kwargs)
+
+    model.load_adapter = slow_load  # the instance attribute shadows the method: loads of A block on the gate
+    scheduler = scheduler_for(model)
+    key = BatchKey("translate", 1, 5)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        for_a, for_b = Job(loop, 1), Job(loop, 1)
+        scheduler.submit(for_a, [Row(for_a, 0, key, "A", "a1 a2 a3", "en", "de")])
+        scheduler.submit(for_b, [Row(for_b, 0, key, "B", "a4 a5", "en", "de")])
+        scheduler.start()
+        try:
+            served_b = await asyncio.wait_for(for_b.future, 60)  # served while A's load is stuck
+            assert not for_a.future.done()
+            gate.set()
+            served_a = await asyncio.wait_for(for_a.future, 60)
+        finally:
+            gate.set()
+            await asyncio.to_thread(scheduler.stop)
+        translator = Translator(reference)
+        assert served_b == translator.translate(["a4 a5"], "en", "de", adapter="B", num_beams=1, max_new_tokens=5)
+        assert served_a == translator.translate(["a1 a2 a3"], "en", "de", adapter="A", num_beams=1,
+                                                max_new_tokens=5)
+
+    asyncio.run(scenario())
+
+
+def test_one_resident_slot_serves_alternating_adapters_without_deadlock(tmp_path):
+    model, reference = small_store(tmp_path, max_resident=1)
+    scheduler = scheduler_for(model)
+    key = BatchKey("translate", 1, 5)
+    texts = [f"a{i} a{i + 1}" for i in range(6)]
+    names = ["A", "B"] * 3
+
+    async def scenario() -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(loop, 1) for _ in texts]
+        for job, text, name in zip(jobs, texts, names):
+            scheduler.submit(job, [Row(job, 0, key, name, text, "en", "de")])
+        scheduler.start()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 120)
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    served = asyncio.run(scenario())
+    translator = Translator(reference)
+    for text, name, answer in zip(texts, names, served):
+        assert answer == translator.translate([text], "en", "de", adapter=name, num_beams=1, max_new_tokens=5)
+    assert scheduler.peak_resident == 1
