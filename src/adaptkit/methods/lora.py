@@ -8,6 +8,10 @@ The update rides on a forward hook of the projection; rows routed to other adapt
 none) pass through untouched. Merging writes B A into W for zero-overhead inference and keeps
 a copy of W so that unmerging restores it bit for bit.
 
+A batch that routes its rows to several adapters on one module applies them all at once: each
+row's A and scale · B, rank-padded and stacked, in one `bmm` pair over rows (Punica / S-LoRA's
+gathered form), built once per call and reused by every generate step.
+
 peft form: the same module paths, `lora_A.weight` (r × in) and `lora_B.weight` (out × r), one
 rank for all modules; DoRA, biases, per-module alpha and modules_to_save are refused on import.
 """
@@ -77,16 +81,127 @@ class LoRAUpdate(nn.Module):
         """The (out × in) matrix that merging adds to W."""
         return (self.lora_B @ self.lora_A) * self.scale
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r × in), scale · B (out × r)): the update is x Aᵀ (scale B)ᵀ; what the gathered path stacks."""
+        return self.lora_A, self.lora_B * self.scale
+
+    def versions(self) -> tuple[int, int]:
+        """In-place writes bump these: a gathered stack built from older weights is stale."""
+        return self.lora_A._version, self.lora_B._version
+
 
 def apply_low_rank(site: HookSite, module: nn.Module, args: tuple, output: Any, routing: Routing) -> torch.Tensor:
     """Forward hook shared by LoRA and AdaLoRA: add each routed adapter's update on its rows."""
     x = args[0]
+    if routing.uniform is None and not torch.is_grad_enabled():
+        gathered = gathered_updates(site, routing, x.shape[0], x.device)
+        if gathered is not None:
+            return gathered.apply(x, output)
     out = output
     for update, rows in site.routed(routing, x.shape[0], x.device):
         if update.merged:
             continue
         out = add_rows(out, lambda r, u=update: u(select_rows(x, r)), rows)
     return out
+
+
+# -- gathered per-row updates (Punica's SGMV / S-LoRA's idea, with batched matmuls) -------------------
+
+# A mixed batch whose rows use at least this many distinct low-rank adapters on a module takes the
+# gathered path; fewer (one adapter on some rows, the rest bare) keep the loop, a single index_add
+# with no per-row copy of the weights. Measured per q_proj hook (d 512, r 16, 1 thread, min of 100
+# interleaved runs): time added to the bare projection, loop vs gathered, 8 rows × 64 tokens:
+# 2 adapters 1102 vs 503 µs, 8 adapters 1349 vs 496 µs; decoding 32 rows × 1 token: 2 adapters 86 vs
+# 59 µs, 32 adapters 890 vs 159 µs. So the gathered path wins from 2 adapters on.
+GATHER_MIN_ADAPTERS = 2
+
+
+class GatheredUpdates:
+    """Every input row's low-rank factors, rank-padded with zeros and stacked: one `bmm` pair per module.
+
+    A row with a stack of two adapters gets both factors side by side along the rank (the updates add).
+    Rows are *input* rows: `generate` repeats each one `factor` times in a block (beams,
+    num_return_sequences), so the runtime batch is viewed as (input rows, factor · tokens, features)
+    and the stacks are shared by the block's rows and by every step of a generate call.
+    """
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor | None, input_rows: int,
+                 versions: tuple):
+        self.down = down  # (adapted input rows, in, R): Aᵀ per row
+        self.up = up  # (adapted input rows, R, out): (scale B)ᵀ per row
+        self.rows = rows  # which input rows are adapted here; None: all of them
+        self.input_rows = input_rows
+        self.versions = versions
+
+    def apply(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        x3 = x.reshape(self.input_rows, -1, x.shape[-1])
+        if self.rows is not None:
+            x3 = x3.index_select(0, self.rows)
+        delta = torch.bmm(torch.bmm(x3.to(self.down.dtype), self.down), self.up).to(output.dtype)
+        if self.rows is None:
+            return output + delta.view(output.shape)
+        out3 = output.reshape(self.input_rows, -1, output.shape[-1])
+        return out3.index_add(0, self.rows, delta).view(output.shape)
+
+
+def gathered_updates(site: HookSite, routing: Routing, batch_size: int,
+                     device: torch.device) -> GatheredUpdates | None:
+    """This module's gathered factors for the call, built once per call (`routing.scratch`), or None
+    where the per-adapter loop applies: few adapters, dropout on, a merged or non-LoRA update."""
+    key = ("low_rank_gathered", id(site), device)
+    cached = routing.scratch.get(key)
+    if cached is False:
+        return None
+    if cached is not None:
+        members = cached.members
+        if tuple(m.versions() for m in members) == cached.gathered.versions:
+            return cached.gathered
+    input_rows = len(routing.rows)
+    if batch_size % input_rows:
+        return None  # the loop raises the routing's own error
+    per_row = [tuple(site.members[n] for n in stack if n in site.members) for stack in routing.rows]
+    members = list(dict.fromkeys(m for stack in per_row for m in stack))
+    if len(members) < GATHER_MIN_ADAPTERS or not all(_gatherable(m) for m in members):
+        routing.scratch[key] = False
+        return None
+    gathered = _gather(members, per_row, device)
+    routing.scratch[key] = _Cached(members, gathered)
+    return gathered
+
+
+@dataclass
+class _Cached:
+    members: list[nn.Module]
+    gathered: GatheredUpdates
+
+
+def _gatherable(member: nn.Module) -> bool:
+    dropout_on = member.training and not isinstance(getattr(member, "dropout", None), nn.Identity)
+    return hasattr(member, "low_rank_factors") and not member.merged and not dropout_on
+
+
+def _gather(members: list[nn.Module], per_row: list[tuple[nn.Module, ...]], device: torch.device) -> GatheredUpdates:
+    factors = [m.low_rank_factors() for m in members]
+    dtype = factors[0][0].dtype
+    rank = max(a.shape[0] for a, _ in factors)
+    in_features, out_features = factors[0][0].shape[1], factors[0][1].shape[0]
+    # Slot n is the zero update: rows with fewer stacked adapters than the widest row point there.
+    down = torch.zeros(len(members) + 1, in_features, rank, dtype=dtype, device=device)
+    up = torch.zeros(len(members) + 1, rank, out_features, dtype=dtype, device=device)
+    for i, (a, b) in enumerate(factors):
+        down[i, :, : a.shape[0]] = a.T
+        up[i, : a.shape[0]] = b.T
+    adapted = [i for i, stack in enumerate(per_row) if stack]
+    index = {id(m): i for i, m in enumerate(members)}
+    depth = max(len(per_row[i]) for i in adapted)
+    slots = torch.tensor([[index[id(s[d])] if d < len(s) else len(members) for d in range(depth)]
+                          for s in (per_row[i] for i in adapted)], device=device)
+    # (rows, depth, in, R) → (rows, in, depth · R): a stack's updates side by side along the rank.
+    row_down = down[slots].permute(0, 2, 1, 3).reshape(len(adapted), in_features, depth * rank)
+    row_up = up[slots].reshape(len(adapted), depth * rank, out_features)
+    rows = None if len(adapted) == len(per_row) else torch.tensor(adapted, device=device)
+    return GatheredUpdates(row_down.contiguous(), row_up.contiguous(), rows, len(per_row),
+                           tuple(m.versions() for m in members))
 
 
 class LowRankAdapter(Adapter):
