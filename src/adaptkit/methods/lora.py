@@ -81,9 +81,9 @@ class LoRAUpdate(nn.Module):
         """The (out × in) matrix that merging adds to W."""
         return (self.lora_B @ self.lora_A) * self.scale
 
-    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (r × in), scale · B (out × r)): the update is x Aᵀ (scale B)ᵀ; what the gathered path stacks."""
-        return self.lora_A, self.lora_B * self.scale
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A (r × in), B (out × r), scale): the update is scale · x Aᵀ Bᵀ; what the gathered path stacks."""
+        return self.lora_A, self.lora_B, self.scale
 
     def versions(self) -> tuple[int, int]:
         """In-place writes bump these: a gathered stack built from older weights is stale."""
@@ -125,19 +125,42 @@ class GatheredUpdates:
     and the stacks are shared by the block's rows and by every step of a generate call.
     """
 
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, rows: torch.Tensor | None, input_rows: int,
-                 versions: tuple):
-        self.down = down  # (adapted input rows, in, R): Aᵀ per row
-        self.up = up  # (adapted input rows, R, out): (scale B)ᵀ per row
-        self.rows = rows  # which input rows are adapted here; None: all of them
-        self.input_rows = input_rows
-        self.versions = versions
+    def __init__(self, members: list[nn.Module], per_row: list[tuple[nn.Module, ...]], device: torch.device):
+        self.members = members
+        self.versions = self.current_versions()
+        self.input_rows = len(per_row)
+        factors = {id(m): m.low_rank_factors() for m in members}
+        adapted = [i for i, stack in enumerate(per_row) if stack]
+        width = max(sum(factors[id(m)][0].shape[0] for m in per_row[i]) for i in adapted)
+        stacks = {}
+        for stack in dict.fromkeys(per_row[i] for i in adapted):
+            parts = [factors[id(m)] for m in stack]
+            # A stack's ranks side by side (its updates add up); zero ranks up to the widest row add nothing.
+            down = torch.cat([a for a, _, _ in parts]) if len(parts) > 1 else parts[0][0]
+            up = torch.cat([b for _, b, _ in parts], dim=1) if len(parts) > 1 else parts[0][1]
+            pad = width - down.shape[0]
+            if pad:
+                down, up = nn.functional.pad(down, (0, 0, 0, pad)), nn.functional.pad(up, (0, pad))
+            scales = [float(scale) for a, _, scale in parts for _ in range(a.shape[0])] + [0.0] * pad
+            stacks[stack] = (down, up, scales)
+        # Stacked as stored, (R × in) and (out × R) per row, and transposed as views: bmm reads them
+        # transposed at no cost, where copying the transposes cost more than the whole gathered product.
+        # The scales multiply the rank-R intermediate, not B: no scaled copy of every B per call.
+        self.down = torch.stack([stacks[per_row[i]][0] for i in adapted]).to(device).transpose(1, 2)
+        self.up = torch.stack([stacks[per_row[i]][1] for i in adapted]).to(device).transpose(1, 2)
+        self.scales = torch.tensor([stacks[per_row[i]][2] for i in adapted], dtype=self.down.dtype,
+                                   device=device)[:, None]
+        self.rows = None if len(adapted) == len(per_row) else torch.tensor(adapted, device=device)
+
+    def current_versions(self) -> tuple:
+        return tuple(m.versions() for m in self.members)
 
     def apply(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         x3 = x.reshape(self.input_rows, -1, x.shape[-1])
         if self.rows is not None:
             x3 = x3.index_select(0, self.rows)
-        delta = torch.bmm(torch.bmm(x3.to(self.down.dtype), self.down), self.up).to(output.dtype)
+        low = torch.bmm(x3.to(self.down.dtype), self.down).mul_(self.scales)
+        delta = torch.bmm(low, self.up).to(output.dtype)
         if self.rows is None:
             return output + delta.view(output.shape)
         out3 = output.reshape(self.input_rows, -1, output.shape[-1])
@@ -152,56 +175,22 @@ def gathered_updates(site: HookSite, routing: Routing, batch_size: int,
     cached = routing.scratch.get(key)
     if cached is False:
         return None
-    if cached is not None:
-        members = cached.members
-        if tuple(m.versions() for m in members) == cached.gathered.versions:
-            return cached.gathered
-    input_rows = len(routing.rows)
-    if batch_size % input_rows:
+    if cached is not None and cached.current_versions() == cached.versions:
+        return cached
+    if batch_size % len(routing.rows):
         return None  # the loop raises the routing's own error
     per_row = [tuple(site.members[n] for n in stack if n in site.members) for stack in routing.rows]
     members = list(dict.fromkeys(m for stack in per_row for m in stack))
     if len(members) < GATHER_MIN_ADAPTERS or not all(_gatherable(m) for m in members):
         routing.scratch[key] = False
         return None
-    gathered = _gather(members, per_row, device)
-    routing.scratch[key] = _Cached(members, gathered)
+    gathered = routing.scratch[key] = GatheredUpdates(members, per_row, device)
     return gathered
-
-
-@dataclass
-class _Cached:
-    members: list[nn.Module]
-    gathered: GatheredUpdates
 
 
 def _gatherable(member: nn.Module) -> bool:
     dropout_on = member.training and not isinstance(getattr(member, "dropout", None), nn.Identity)
     return hasattr(member, "low_rank_factors") and not member.merged and not dropout_on
-
-
-def _gather(members: list[nn.Module], per_row: list[tuple[nn.Module, ...]], device: torch.device) -> GatheredUpdates:
-    factors = [m.low_rank_factors() for m in members]
-    dtype = factors[0][0].dtype
-    rank = max(a.shape[0] for a, _ in factors)
-    in_features, out_features = factors[0][0].shape[1], factors[0][1].shape[0]
-    # Slot n is the zero update: rows with fewer stacked adapters than the widest row point there.
-    down = torch.zeros(len(members) + 1, in_features, rank, dtype=dtype, device=device)
-    up = torch.zeros(len(members) + 1, rank, out_features, dtype=dtype, device=device)
-    for i, (a, b) in enumerate(factors):
-        down[i, :, : a.shape[0]] = a.T
-        up[i, : a.shape[0]] = b.T
-    adapted = [i for i, stack in enumerate(per_row) if stack]
-    index = {id(m): i for i, m in enumerate(members)}
-    depth = max(len(per_row[i]) for i in adapted)
-    slots = torch.tensor([[index[id(s[d])] if d < len(s) else len(members) for d in range(depth)]
-                          for s in (per_row[i] for i in adapted)], device=device)
-    # (rows, depth, in, R) → (rows, in, depth · R): a stack's updates side by side along the rank.
-    row_down = down[slots].permute(0, 2, 1, 3).reshape(len(adapted), in_features, depth * rank)
-    row_up = up[slots].reshape(len(adapted), depth * rank, out_features)
-    rows = None if len(adapted) == len(per_row) else torch.tensor(adapted, device=device)
-    return GatheredUpdates(row_down.contiguous(), row_up.contiguous(), rows, len(per_row),
-                           tuple(m.versions() for m in members))
 
 
 class LowRankAdapter(Adapter):
