@@ -7,6 +7,9 @@ import importlib
 import json
 import sys
 
+from adaptkit.core.adapterfile import read_adapter_info
+from adaptkit.core.errors import AdapterError
+
 # (module, function that adds its subcommands); modules are imported when the command runs,
 # so `adaptkit --help` stays fast and nothing loads torch models at import time.
 SUBCOMMANDS = [
@@ -23,9 +26,6 @@ SUBCOMMANDS = [
 
 def _info(args: argparse.Namespace) -> int:
     """The file's metadata as JSON, `"verified": true` once its checksum matched; a bad file is one line."""
-    from adaptkit.core.adapterfile import read_adapter_info
-    from adaptkit.core.errors import AdapterError
-
     try:
         info = read_adapter_info(args.path)
     except AdapterError as error:

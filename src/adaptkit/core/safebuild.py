@@ -26,6 +26,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+try:
+    from torch.fx.experimental import _config as fx_config
+except ImportError:  # torch without the meta-nonzero switch
+    fx_config = None
+
 from adaptkit.core.arch import Arch
 from adaptkit.core.errors import AdapterError
 
@@ -62,9 +67,7 @@ class _CountAllocations(TorchFunctionMode):
 @contextlib.contextmanager
 def _fresh_masks_all_true() -> Iterator[None]:
     """On meta, `nonzero` (boolean indexing) needs an assumption about values: a fresh mask is all true."""
-    try:
-        from torch.fx.experimental import _config as fx_config
-    except ImportError:  # an older torch: data-dependent ops then fail the dry run with a clear error
+    if fx_config is None:  # an older torch: data-dependent ops then fail the dry run with a clear error
         yield
         return
     with fx_config.patch(meta_nonzero_assume_all_nonzero=True):
