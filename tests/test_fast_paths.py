@@ -15,6 +15,8 @@ applied to the wrong row moves the logits by > 10^4 eps · max|logits| (asserted
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -147,3 +149,157 @@ def test_gathered_path_is_not_taken_where_the_loop_is_needed(gathered_calls):
     with torch.no_grad():
         model(**batch, adapter=["dropout", "r2", None, "r4", None])
     assert not gathered_calls
+
+
+# -- chunked target-token loss (evaluation/loss.py) ---------------------------------------------------
+#
+# Tolerance, float32: both paths compute log-softmax of the same logits and reduce the same terms,
+# in another order (per chunk, logsumexp vs log_softmax), so the loss and every gradient differ by
+# rounding: within 64 · eps · (loss + log V) for the loss (log V bounds the logsumexp's own size),
+# and 64 · eps · max|g| · L for a gradient g flowing back through L layers. Measured over these
+# cases: the loss <= 1 ulp (8 eps at a loss of 8), the gradients <= 18 eps · max|g|, 7× below.
+
+BIG_VOCAB = 3000
+
+
+def big_vocab_model(arch: str) -> torch.nn.Module:
+    """A tiny decoder LM whose vocabulary dwarfs its width, as gemma3's 262k does its 640."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=BIG_VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        config = tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=64, **common)
+        return tf.LlamaForCausalLM(config).eval()
+    if arch == "gemma3":  # tied head, and a logit softcap to exercise its gradient
+        config = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=1, head_dim=8, max_position_embeddings=64, sliding_window=4,
+                                     layer_types=["sliding_attention", "full_attention"], final_logit_softcapping=5.0,
+                                     **common)
+        return tf.Gemma3ForCausalLM(config).eval()
+    # no dropout: the tests run both paths in training mode and compare them
+    return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                                            embd_pdrop=0.0, attn_pdrop=0.0, **common)).eval()
+
+
+def lm_batch(rows: int = 4, seq: int = 14) -> dict[str, torch.Tensor]:
+    """Left-padded prompts + targets: labels only on the target tokens, as data.Collator makes them."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, BIG_VOCAB, (rows, seq), generator=g)
+    mask = torch.ones(rows, seq, dtype=torch.long)
+    labels = ids.clone()
+    for row in range(rows):
+        mask[row, :row] = 0  # left padding
+        labels[row, : row + 4 + row % 3] = -100  # padding and prompt carry no loss
+    return {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+
+
+def loss_and_grads(model, batch, adapter, params, **options):
+    from adaptkit.evaluation.loss import loss_inputs, target_loss
+
+    if options.pop("plain", False):
+        loss = model(**loss_inputs(batch, slice_head=True), adapter=adapter).loss
+    else:
+        loss = target_loss(model, batch, adapter, **options)
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def loss_bound(plain: torch.Tensor) -> float:
+    return 64 * EPS32 * (plain.abs().item() + math.log(BIG_VOCAB))
+
+
+def assert_grads_close(chunked, plain, layers, what):
+    for i, (c, p) in enumerate(zip(chunked, plain)):
+        bound = 64 * EPS32 * p.abs().max().item() * layers
+        assert (c - p).abs().max().item() <= bound, f"{what}: gradient {i} differs beyond rounding"
+
+
+@pytest.mark.parametrize("arch,method", [("llama", "lora"), ("llama", "adalora"), ("gemma3", "lora"),
+                                         ("gpt2", "lora")])
+def test_chunked_loss_equals_plain_loss_and_gradients(arch, method):
+    model = ak.AdaptedModel(big_vocab_model(arch))
+    config = ak.LoRA(r=4, targets="all-linear") if method == "lora" else ak.AdaLoRA(init_r=4, target_r=2,
+                                                                                      total_steps=10)
+    model.add_adapter("a", config)
+    with torch.no_grad():
+        for p in model.adapter_parameters("a"):
+            p.normal_(0, 0.2)
+    model.train()  # AdaLoRA's orthogonality regulariser joins the loss in training: both paths add it
+    params = model.adapter_parameters("a")
+    batch = lm_batch()
+    plain, plain_grads = loss_and_grads(model, batch, "a", params, plain=True)
+    chunked, chunked_grads = loss_and_grads(model, batch, "a", params, chunk=5)  # 5 does not divide N: a ragged tail
+    assert abs(chunked.item() - plain.item()) <= loss_bound(plain)
+    assert_grads_close(chunked_grads, plain_grads, len(model.arch.layers), f"{arch} {method}")
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_chunked_loss_trains_the_head_as_full_fine_tuning_does(arch):
+    """Every backbone weight trains, the head too (gemma3's is tied to the input embedding)."""
+    model = ak.AdaptedModel(big_vocab_model(arch))
+    params = list(model.model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    batch = lm_batch()
+    plain, plain_grads = loss_and_grads(model, batch, None, params, plain=True)
+    chunked, chunked_grads = loss_and_grads(model, batch, None, params, chunk=7)
+    assert abs(chunked.item() - plain.item()) <= loss_bound(plain)
+    assert_grads_close(chunked_grads, plain_grads, len(model.arch.layers), f"{arch} full")
+
+
+def test_chunked_loss_never_holds_the_whole_logits(monkeypatch):
+    from adaptkit.evaluation import loss as loss_module
+
+    model = ak.AdaptedModel(big_vocab_model("llama"))
+    model.add_adapter("a", ak.LoRA(r=4))
+    batch = lm_batch()
+    targets = loss_module.label_tokens(batch["labels"], "decoder")
+    chunks, head_rows = [], []
+    original = loss_module._chunk_loss
+
+    def recording(h, *args):
+        chunks.append(h.shape[0])
+        return original(h, *args)
+
+    monkeypatch.setattr(loss_module, "_chunk_loss", recording)
+    head = model.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: head_rows.append(out.shape[0]))
+    try:
+        model.train()
+        loss_module.target_loss(model, batch, "a", chunk=4).backward()
+    finally:
+        handle.remove()
+    assert head_rows == [0], "the model's own head sees no position"
+    assert sum(chunks) == targets and max(chunks) == 4
+    # the default chunk holds CHUNK_LOGITS logits: 5592 positions of this 3000-token vocabulary
+    assert max(1, loss_module.CHUNK_LOGITS // BIG_VOCAB) == 5592
+
+
+def test_trainer_with_and_without_chunked_loss_trains_the_same_adapter(tmp_path):
+    from test_train import FAST, pairs, tiny
+
+    adapters = []
+    for chunked in (True, False):
+        model = tiny("llama")
+        ak.train(model, adapter="x", adapter_config=ak.LoRA(r=4), train=pairs(24, 0), max_steps=3,
+                 output_dir=str(tmp_path / str(chunked)), chunked_loss=chunked, **FAST)
+        adapters.append({k: v.detach().clone() for k, v in model.get_adapter("x").state_dict().items()})
+    for key, value in adapters[1].items():
+        bound = 64 * EPS32 * value.abs().max().item() * 3  # three optimizer steps of rounding
+        assert (adapters[0][key] - value).abs().max().item() <= bound, key
+
+
+def test_chunked_loss_of_a_batch_without_targets_is_zero_with_zero_gradients():
+    """A micro-batch whose targets were all cut adds nothing to the step (the model's own mean is NaN there)."""
+    from adaptkit.evaluation.loss import target_loss
+
+    model = ak.AdaptedModel(big_vocab_model("llama"))
+    model.add_adapter("a", ak.LoRA(r=4))
+    batch = lm_batch()
+    batch["labels"] = torch.full_like(batch["labels"], -100)
+    model.train()
+    loss = target_loss(model, batch, "a")
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.adapter_parameters("a"))

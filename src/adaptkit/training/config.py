@@ -80,6 +80,8 @@ class TrainConfig:
     patience: int | None = option(None, help="evaluations without improvement before stopping (none: never stop)")
     min_delta: float = option(0.0, help="the least change of the metric that counts as an improvement")
     slice_head: bool = option(True, help="decoder LMs: LM head only at target positions (exact, much faster)")
+    chunked_loss: bool = option(True, help="with slice_head: LM head + cross-entropy a chunk of positions at a "
+                                           "time, so the logits and their gradient never exist whole (exact)")
     # output
     output_dir: str | None = option(None, help="where the adapter and checkpoints go (default runs/<adapter>)")
     checkpoint_every: int | None = option(None, help="optimizer steps between checkpoints (default: eval_every; "

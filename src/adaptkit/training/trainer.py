@@ -40,7 +40,7 @@ from adaptkit.core.registry import METHODS, adapter_class_for
 from adaptkit.data import PromptFormat
 from adaptkit.evaluation.classification import evaluate_classifier
 from adaptkit.evaluation.generation import dialogue_metrics
-from adaptkit.evaluation.loss import can_slice_head, label_tokens, loss_inputs
+from adaptkit.evaluation.loss import can_slice_head, label_tokens, target_loss
 from adaptkit.evaluation.scoring import is_better
 from adaptkit.evaluation.translation import evaluate
 from adaptkit.methods.base import AdapterConfig
@@ -349,7 +349,8 @@ class Recipe:
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """One micro-batch's mean loss: per target token (translation) or per row (classification)."""
         if self.labels is None:
-            return self.wrapped(**loss_inputs(batch, self.slice_head), adapter=self.route).loss
+            return target_loss(self.model, batch, self.route, slice_head=self.slice_head,
+                               chunked=self.cfg.chunked_loss, forward=self.wrapped)
         logits = C.classification_logits(self.model, batch, self.route, forward=self.wrapped)
         loss = C.classification_loss(logits, batch["labels"], self.class_weights)
         term = self.model.get_adapter(self.route).regularization_loss()  # the bank adds it only to a model's loss
