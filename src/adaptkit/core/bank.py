@@ -13,9 +13,8 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import nn
@@ -35,9 +34,9 @@ if TYPE_CHECKING:
 _UNSET: Any = object()
 
 
-@dataclass(frozen=True)
-class _Call:
-    """A call (or a load) in flight that pins adapters: named in errors, and never waited on by itself."""
+class _Call(NamedTuple):
+    """A call (or a load) in flight that pins adapters: named in errors, and never waited on by itself.
+    A tuple, not a frozen dataclass: one is built per call, and its __init__ cost ~2 µs of a ~10 µs switch."""
 
     names: frozenset[str]
     thread_id: int
@@ -284,6 +283,10 @@ class AdaptedModel(nn.Module):
     def _ensure_resident(self, names: frozenset[str]) -> None:
         """Every name loaded (from the store, by name only) and most recently used, or an AdapterError."""
         with self._released:
+            if not self._removing and all(name in self._slots for name in names):
+                for name in names:  # the common case, on every call: resident, nothing being removed
+                    self._slots.move_to_end(name)
+                return
             # A name being removed: a new call waits for the removal and then finds it gone. A call of
             # this thread already holding the name (a nested call) goes on: the removal waits for it.
             held = self._held_by_this_thread()
@@ -305,20 +308,31 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def _pinned(self, names: frozenset[str]) -> Iterator[None]:
         """Keep `names` resident while the block runs: out of LRU eviction, and removal waits for it."""
+        call = self._pin(names)
+        try:
+            yield
+        finally:
+            self._unpin(call, names)
+
+    def _pin(self, names: frozenset[str]) -> int:
         thread = threading.current_thread()
         with self._lock:
             call = next(self._call_ids)
             self._calls[call] = _Call(names, thread.ident, thread.name, time.monotonic())
-            self._pins.update(names)
-        try:
-            yield
-        finally:
-            with self._released:
-                del self._calls[call]
-                self._pins.subtract(names)
-                for name in names:
-                    if self._pins[name] <= 0:
-                        del self._pins[name]
+            pins = self._pins
+            for name in names:
+                pins[name] += 1
+        return call
+
+    def _unpin(self, call: int, names: frozenset[str]) -> None:
+        with self._released:
+            del self._calls[call]
+            pins = self._pins
+            for name in names:
+                pins[name] -= 1
+                if pins[name] <= 0:
+                    del pins[name]
+            if self._removing:  # only a removal waits for pins to drop; the common call wakes no one
                 self._released.notify_all()
 
     # -- running -------------------------------------------------------------------------------
@@ -340,11 +354,14 @@ class AdaptedModel(nn.Module):
 
         The block's adapters stay resident until it ends, even when other threads load past `max_resident`.
         """
-        with contextlib.ExitStack() as scope:
-            with self._lock:  # resident and pinned in one step: no eviction can slip in between
-                routing = self.routing_for(adapter)
-                scope.enter_context(self._pinned(routing.names))
-            yield scope.enter_context(routing_scope(routing))
+        with self._lock:  # resident and pinned in one step: no eviction can slip in between
+            routing = self.routing_for(adapter)
+            call = self._pin(routing.names)
+        try:
+            with routing_scope(routing):
+                yield routing
+        finally:
+            self._unpin(call, routing.names)
 
     def _scope(self, adapter: Any) -> contextlib.AbstractContextManager:
         if adapter is _UNSET:
