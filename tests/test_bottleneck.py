@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from adaptkit import AdaptedModel, AdapterError, Bottleneck
 from adaptkit.methods.bottleneck import BottleneckBlock
+from numerics import assert_close_to_rounding, depth_of
 from tiny import ARCHS, SEQ2SEQ, tiny_batch, tiny_model
 
 PLACEMENTS = ["pfeiffer", "houlsby", "parallel"]
@@ -75,6 +76,7 @@ def test_new_adapter_is_identity_and_trains(arch: str, placement: str) -> None:
 
 # -- 2. file round trip --------------------------------------------------------------------------
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_save_load_round_trip(arch: str, placement: str, tmp_path) -> None:
@@ -92,7 +94,7 @@ def test_save_load_round_trip(arch: str, placement: str, tmp_path) -> None:
     loaded = fresh.get_adapter(name)
     assert loaded.config == model.get_adapter("a").config
     assert set(loaded.adapter_state_dict()) == set(model.get_adapter("a").adapter_state_dict())
-    torch.testing.assert_close(_logits(fresh, batch, name), expected, atol=1e-6, rtol=0)
+    assert_close_to_rounding(_logits(fresh, batch, name), expected, depth_of(model), f"{arch} {placement}")
     assert not torch.allclose(_logits(fresh, batch, None), expected)
 
 
@@ -110,6 +112,7 @@ def test_tensor_names_and_width() -> None:
 
 # -- the math at the hooked module, against a direct computation ----------------------------------
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("arch", ["marian", "llama", "gpt2"])
 def test_update_matches_formula(arch: str, placement: str) -> None:
@@ -131,7 +134,7 @@ def test_update_matches_formula(arch: str, placement: str) -> None:
         raw = layer.ffn_out.module(seen["out_x"])  # outside any routing: the bare projection
         source = seen["ffn_x"] if placement == "parallel" else raw
         expected = raw + 0.5 * block.up(torch.tanh(block.down(source)))
-    torch.testing.assert_close(seen["out"], expected, atol=1e-6, rtol=0)
+    assert_close_to_rounding(seen["out"], expected, depth=1, msg=f"{arch} {placement}")  # one projection
 
 
 # -- 3. mixed batch: every row equals itself alone -------------------------------------------------
@@ -145,6 +148,7 @@ def _same_generation(batched: torch.Tensor, alone: torch.Tensor, eos: int = 2, p
     return torch.equal(batched[:n], alone) and finished and bool(((tail == pad) | (tail == eos)).all())
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("arch", ["marian", "llama"])
 def test_mixed_batch_rows_equal_rows_alone(arch: str) -> None:
     model = AdaptedModel(tiny_model(arch))
@@ -157,7 +161,7 @@ def test_mixed_batch_rows_equal_rows_alone(arch: str) -> None:
 
     for i, route in enumerate(routes):
         alone = _logits(model, _row(batch, i), route)
-        torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=0)
+        assert_close_to_rounding(mixed[i:i + 1], alone, depth_of(model), f"{arch} row {i}")
         if route is not None:  # the adapter really acts on this row
             assert not torch.allclose(alone, _logits(model, _row(batch, i), None), atol=1e-3)
     # a stack is sequential and ordered: (A, B) is neither A nor B, nor (B, A)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import adaptkit as ak
+from numerics import assert_close_to_rounding, depth_of, rounding_bound
 from tiny import ARCHS, DECODERS, SEQ2SEQ, tiny_batch, tiny_model
 
 
@@ -41,6 +42,7 @@ def test_lora_identity_training_and_frozen_backbone(arch):
     assert torch.equal(model(**batch).logits, bare), "adapter=None must be the bare backbone"
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("arch", ["marian", "t5", "gpt2", "llama", "bert"])
 def test_save_load_into_fresh_backbone(arch, tmp_path):
     model = ak.AdaptedModel(tiny_model(arch))
@@ -52,13 +54,15 @@ def test_save_load_into_fresh_backbone(arch, tmp_path):
     fresh = ak.AdaptedModel(tiny_model(arch))
     name = fresh.load_adapter(path)
     assert name == "x"
-    torch.testing.assert_close(fresh(**batch, adapter="x").logits, model(**batch, adapter="x").logits,
-                               atol=1e-6, rtol=0)
+    with torch.no_grad():
+        assert_close_to_rounding(fresh(**batch, adapter="x").logits, model(**batch, adapter="x").logits,
+                                 depth_of(model), arch)
     info = ak.read_adapter_info(path)
     assert info["method"] == "lora" and info["domain"] == "it" and info["config"]["r"] == 4
     assert info["num_parameters"] == model.num_parameters("x")["saved"]
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("arch", ["marian", "llama"])
 def test_mixed_lora_batch_matches_rows_alone(arch):
     model = ak.AdaptedModel(tiny_model(arch))
@@ -68,12 +72,14 @@ def test_mixed_lora_batch_matches_rows_alone(arch):
             torch.nn.init.normal_(p, std=0.2)
     batch = tiny_batch(arch)
     spec = ["a", "b", None, ("a", "b")]
-    mixed = model(**batch, adapter=spec).logits
-    for row, adapter in enumerate(spec):
-        alone = model(**{k: v[row:row + 1] for k, v in batch.items()}, adapter=adapter).logits
-        torch.testing.assert_close(mixed[row:row + 1], alone, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        mixed = model(**batch, adapter=spec).logits
+        for row, adapter in enumerate(spec):
+            alone = model(**{k: v[row:row + 1] for k, v in batch.items()}, adapter=adapter).logits
+            assert_close_to_rounding(mixed[row:row + 1], alone, depth_of(model), f"{arch} row {row}")
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
 def test_merge_is_exact_and_unmerge_restores_backbone(arch):
     model = ak.AdaptedModel(tiny_model(arch))
@@ -82,9 +88,16 @@ def test_merge_is_exact_and_unmerge_restores_backbone(arch):
         torch.nn.init.normal_(p, std=0.2)
     batch = tiny_batch(arch)
     snapshot = backbone_snapshot(model)
-    unmerged = model(**batch, adapter="m").logits
-    model.merge_adapter("m")
-    torch.testing.assert_close(model(**batch).logits, unmerged, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        bare = model(**batch).logits
+        unmerged = model(**batch, adapter="m").logits
+        model.merge_adapter("m")
+        merged = model(**batch).logits
+    # (W + s·B A) x and W x + s·B(A x) round differently: equal up to the rounding of the whole forward
+    # (numerics.py; in float32 a fixed atol=1e-5 failed on T5), and the adapter's effect is far beyond that.
+    depth = depth_of(model)
+    assert_close_to_rounding(merged, unmerged, depth, arch)
+    assert (unmerged - bare).abs().max() > 1e4 * rounding_bound(unmerged, depth)
     with pytest.raises(ak.AdapterError, match="merged into the backbone"):
         model(**batch, adapter=["m", None, "m", "m"])
     model.unmerge_adapter()
@@ -107,6 +120,7 @@ def test_using_scope_and_unknown_adapter():
         model(**batch, adapter=["a", None, "a"])
 
 
+@pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("arch", SEQ2SEQ[:1] + DECODERS[1:2])
 def test_generate_per_row_matches_alone(arch):
     model = ak.AdaptedModel(tiny_model(arch))
