@@ -70,10 +70,12 @@ class DemoBudget:
 QUICK = DemoBudget()
 FULL = DemoBudget(steps=120, eval_sentences=200, max_len=256, max_new_tokens=128)
 
-# Seconds on the reference machine (2 CPU cores, gemma3-270m, the default budget): one no-grad forward of
-# the calibration batch, one training step per family, one translated sentence. The ETA scales them by
-# this machine's calibration forward; measured by `adaptkit demo` itself (its JSON has the phase timings).
-REFERENCE = {"forward": 0.55, "lora": 4.6, "bottleneck": 3.9, "sentence": 0.9}
+# Seconds on the reference machine (2 CPU cores, gemma3-270m, the default budget), from one run's
+# `phase_seconds` (runs/demo/demo_results.json) divided by its steps and sentences: one no-grad forward of
+# the calibration batch, one training step per family (dev loss and save included), one translated sentence
+# bare and adapted (adapted outputs are longer; the hot-load is included). The ETA scales them by this
+# machine's own calibration forward.
+REFERENCE = {"forward": 1.79, "lora": 5.07, "bottleneck": 4.67, "bare_sentence": 0.59, "adapted_sentence": 1.08}
 
 
 def _calibrate(model: AdaptedModel) -> float:
@@ -87,12 +89,16 @@ def _calibrate(model: AdaptedModel) -> float:
 
 
 def plan_seconds(budget: DemoBudget, slowdown: float = 1.0) -> dict[str, float]:
-    """Estimated seconds per phase: bare scoring, training each domain, the mixed adapted batch."""
-    sentences = budget.eval_sentences * len(DOMAINS) * REFERENCE["sentence"] * budget.max_new_tokens / 96
-    phases = {"score bare backbone": sentences}
+    """Estimated seconds per phase: bare scoring, training each domain, the mixed adapted batch.
+
+    Length caps are left out: at the default caps only 10 of 2,000 sources are truncated and outputs
+    stop at the end of their first line, so raising the caps barely changes what a step or a sentence costs.
+    """
+    sentences = budget.eval_sentences * len(DOMAINS)
+    phases = {"score bare backbone": sentences * REFERENCE["bare_sentence"]}
     for d in DOMAINS:
-        phases[f"train {d.adapter}"] = budget.steps * REFERENCE[d.config.method] * budget.max_len / 96
-    phases["hot-swap + mixed batch"] = sentences
+        phases[f"train {d.adapter}"] = budget.steps * REFERENCE[d.config.method]
+    phases["hot-swap + mixed batch"] = sentences * REFERENCE["adapted_sentence"]
     return {k: v * slowdown for k, v in phases.items()}
 
 
