@@ -192,6 +192,17 @@ def test_head_round_trips_through_the_adapter_file(method, tmp_path):
     assert Classifier(fresh, name).labels() == LABELS
 
 
+def test_classifier_loads_its_adapter_from_the_store(tmp_path):
+    model = ak.AdaptedModel(tiny_model("bert"), tokenizer(), store=tmp_path)
+    perturbed(model, "domain/v1", "bottleneck", LABELS)
+    texts = ["s1 s2 n0", "b0 b1", "c2 c0 n1"]
+    logits = Classifier(model, "domain/v1").logits(texts)
+    model.save_adapter("domain/v1")
+    model.remove_adapter("domain/v1")
+    assert torch.equal(Classifier(model, "domain/v1").logits(texts), logits)  # routed by name: loaded, head too
+    assert model.adapters == ["domain/v1"]
+
+
 def test_head_without_description_or_of_wrong_shape_is_refused(tmp_path):
     model = bert()
     perturbed(model, "clf", "lora", LABELS)

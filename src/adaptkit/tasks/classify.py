@@ -91,19 +91,23 @@ def row_heads(model: AdaptedModel, adapter: Any, batch_size: int) -> list[tuple[
 def classification_logits(model: AdaptedModel, batch: dict[str, torch.Tensor], adapter: Any,
                           forward: Callable[..., Any] | None = None) -> list[torch.Tensor]:
     """Per row, the logits of its adapter's head. `forward` runs the backbone (the trainer passes its
-    accelerate-wrapped model, so gradients synchronise across processes); by default `model`."""
+    accelerate-wrapped model, so gradients synchronise across processes); by default `model`.
+
+    The adapters stay resident and pinned from the backbone's forward to their heads (`using`)."""
     forward = forward or model
-    output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], adapter=adapter,
-                     output_hidden_states=True)
-    hidden, mask = hidden_states(output), batch["attention_mask"]
-    per_row: list[torch.Tensor | None] = [None] * hidden.shape[0]
-    for head, rows in row_heads(model, adapter, hidden.shape[0]):
-        if head.hidden_size != hidden.shape[-1]:
-            raise AdapterError(f"a classification head for hidden size {head.hidden_size} cannot read this backbone's "
-                               f"{hidden.shape[-1]}: the adapter was trained on another backbone")
-        index = torch.tensor(rows, device=hidden.device)
-        for row, logits in zip(rows, head(hidden.index_select(0, index), mask.index_select(0, index))):
-            per_row[row] = logits
+    with model.using(adapter):
+        groups = row_heads(model, adapter, batch["input_ids"].shape[0])  # no head: fail before the forward
+        output = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         output_hidden_states=True)
+        hidden, mask = hidden_states(output), batch["attention_mask"]
+        per_row: list[torch.Tensor | None] = [None] * hidden.shape[0]
+        for head, rows in groups:
+            if head.hidden_size != hidden.shape[-1]:
+                raise AdapterError(f"a classification head for hidden size {head.hidden_size} cannot read this "
+                                   f"backbone's {hidden.shape[-1]}: the adapter was trained on another backbone")
+            index = torch.tensor(rows, device=hidden.device)
+            for row, logits in zip(rows, head(hidden.index_select(0, index), mask.index_select(0, index))):
+                per_row[row] = logits
     return per_row  # type: ignore[return-value]
 
 
