@@ -303,3 +303,101 @@ def test_chunked_loss_of_a_batch_without_targets_is_zero_with_zero_gradients():
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.adapter_parameters("a"))
+
+
+# -- hot-load: one read, tensors as views, a dry run per distinct config ------------------------------
+
+def write_raw_safetensors(path, entries: dict[str, tuple[str, list[int], bytes]], metadata: dict[str, str]):
+    """A safetensors file laid out by hand (offsets in the given order, unpadded): what other writers may do."""
+    import json
+    import struct
+
+    header, data = {"__metadata__": metadata}, b""
+    for name, (dtype, shape, payload) in entries.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(payload)]}
+        data += payload
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+ADAPTER_METADATA = {"adaptkit.format": "2", "adaptkit.method": "lora", "adaptkit.config": '{"r": 2}'}
+
+
+def test_read_adapter_file_gives_what_safetensors_reads_for_every_dtype_and_alignment(tmp_path):
+    from safetensors.torch import load_file
+
+    from adaptkit.core.adapterfile import read_adapter_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bool": torch.rand(3, generator=g) > 0.5, "b.f16": torch.randn(5, generator=g).half(),
+               "c.f32": torch.randn(2, 3, generator=g), "d.bf16": torch.randn(4, generator=g).bfloat16(),
+               "e.empty": torch.zeros(0, 4), "f.i64": torch.arange(3), "g.f64": torch.randn(2, generator=g).double()}
+    names = {"a.bool": "BOOL", "b.f16": "F16", "c.f32": "F32", "d.bf16": "BF16", "e.empty": "F32", "f.i64": "I64",
+             "g.f64": "F64"}
+    # in this order the f16, f32 and i64 tensors start at offsets that are not multiples of their size
+    entries = {k: (names[k], list(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+               for k, t in tensors.items()}
+    path = write_raw_safetensors(tmp_path / "mixed.safetensors", entries, ADAPTER_METADATA)
+    ours, _ = read_adapter_file(path, verify=False)
+    reference = load_file(path)
+    assert ours.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
+def test_a_boolean_tensor_holding_other_bytes_is_refused(tmp_path):
+    from adaptkit.core.adapterfile import read_adapter_file
+
+    path = write_raw_safetensors(tmp_path / "bool.safetensors", {"m": ("BOOL", [3], bytes([0, 1, 2]))},
+                                 ADAPTER_METADATA)
+    with pytest.raises(ak.AdapterError, match="boolean tensor 'm' holds bytes other than 0 and 1"):
+        read_adapter_file(path, verify=False)
+
+
+def test_a_dry_run_per_distinct_config_and_the_loads_stay_exact(tmp_path, monkeypatch):
+    """The meta-device dry run (safebuild.py) runs once per config on a backbone; a refused one is never remembered."""
+    from adaptkit.core import safebuild
+
+    model = lora_bank("llama")
+    paths = {name: model.save_adapter(name, tmp_path / f"{name}.safetensors") for name in ("r2", "r4")}
+    dry_runs = []
+    original = safebuild._CountAllocations.__init__
+
+    def counting(self, limit):
+        dry_runs.append(limit)
+        original(self, limit)
+
+    monkeypatch.setattr(safebuild._CountAllocations, "__init__", counting)
+    batch = tiny_batch("llama", batch=2)
+    for copy in range(3):
+        for name, path in paths.items():
+            loaded = model.load_adapter(path, name=f"{name}-{copy}")
+            with torch.no_grad():
+                assert torch.equal(model(**batch, adapter=loaded).logits, model(**batch, adapter=name).logits)
+    assert len(dry_runs) == 2, "one dry run for each of the two configs"
+
+    forged = tmp_path / "forged.safetensors"
+    from test_adapterfile import edited
+    edited(paths["r2"], forged, config={"r": 10**12})
+    for _ in range(2):
+        with pytest.raises(ak.AdapterError, match="allocate"):
+            model.load_adapter(forged, name="forged")
+    assert len(dry_runs) == 4
+
+
+def test_a_lora_built_for_a_load_skips_its_random_init_but_a_new_one_does_not():
+    from adaptkit.core import safebuild
+
+    model = ak.AdaptedModel(tiny_model("llama"))
+    state = torch.random.get_rng_state()
+    model.add_adapter("fresh", ak.LoRA(r=4))
+    assert not torch.equal(torch.random.get_rng_state(), state), "a new adapter draws its A"
+    assert all(site.lora_A.abs().sum() > 0 for site in model.get_adapter("fresh").sites.values())
+    state = torch.random.get_rng_state()
+    token = safebuild._LOADING.set(True)
+    try:
+        type(model.get_adapter("fresh"))("n", ak.LoRA(r=4), model.arch)
+    finally:
+        safebuild._LOADING.reset(token)
+    assert torch.equal(torch.random.get_rng_state(), state), "no random draw while building for a load"

@@ -33,20 +33,28 @@ the file system (counting the suffix and the temp name of a save) are an Adapter
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
 from adaptkit.core.atomicfile import TEMP_OVERHEAD, write_atomic
 from adaptkit.core.errors import AdapterError
-from adaptkit.core.fileheader import CHECKSUM_KEY, DTYPES, Header, file_sha256, loads_json, read_header, tensors_sha256
+from adaptkit.core.fileheader import (
+    CHECKSUM_KEY,
+    DTYPES,
+    Header,
+    buffer_sha256,
+    file_sha256,
+    loads_json,
+    read_header,
+    tensors_sha256,
+)
 from adaptkit.core.registry import adapter_class_for
 
 FORMAT_VERSION = "2"
@@ -83,28 +91,46 @@ def read_adapter_file(path: str | Path, *, verify: bool = True) -> tuple[dict[st
     """Tensors and metadata, after every check; raises AdapterError and returns nothing on a bad file.
 
     verify=False skips the checksum (only for a file you trust; see the module docstring).
+    The file is read once: the header is validated before the tensor bytes are read (junk is refused
+    unread), the checksum is taken over those bytes in memory, and the tensors are views into them
+    laid out by that same validated header — what was checked is exactly what is loaded.
     """
     path = Path(path)
     try:
         with open(path, "rb") as handle:
-            read_header(handle, os.fstat(handle.fileno()).st_size, path.name)  # junk is refused before it is read
-            handle.seek(0)
-            raw = handle.read()
+            size = os.fstat(handle.fileno()).st_size
+            header = read_header(handle, size, path.name)
+            data = bytearray(size - header.data_start)
+            handle.seek(header.data_start)
+            if handle.readinto(data) != len(data) or handle.read(1):
+                raise AdapterError(f"{path.name} changed size while it was read; read it again once it is written")
     except OSError as error:
         raise _unreadable(path, error) from None
-    header, info = _checked(io.BytesIO(raw), len(raw), path.name, verify)  # the bytes checked are those loaded
-    try:
-        tensors = load_tensors(raw)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise AdapterError(f"{path.name} is corrupt: {error}") from None
-    # safetensors parsed the header again; it must have seen what was checked
+    info = _checked(header, path.name, verify, lambda: buffer_sha256(header, data))
+    return _tensors(header, data, path.name), info
+
+
+def _tensors(header: Header, data: bytearray, source: str) -> dict[str, torch.Tensor]:
+    """The header's tensors as views into `data` (no copy; loading into an adapter copies them once)."""
+    if sys.byteorder != "little":
+        raise AdapterError(f"{source}: adapter files store little-endian tensors; this machine is big-endian")
+    tensors = {}
     for name, entry in header.tensors.items():
-        tensor = tensors.get(name)
-        if tensor is None or tensor.dtype != DTYPES[entry.dtype] or tuple(tensor.shape) != entry.shape:
-            raise AdapterError(f"{path.name} is corrupt: tensor {name!r} reads differently than its header says")
-    if len(tensors) != len(header.tensors):
-        raise AdapterError(f"{path.name} is corrupt: it holds tensors its header does not describe")
-    return tensors, info
+        dtype = DTYPES[entry.dtype]
+        stored = torch.uint8 if dtype == torch.bool else dtype  # bytes first: a bool must be 0 or 1
+        if entry.begin == entry.end:
+            tensor = torch.empty(entry.shape, dtype=stored)
+        else:
+            # a view needs its offset aligned to the element size; otherwise copy the bytes to a fresh buffer
+            aligned = entry.begin % stored.itemsize == 0
+            buffer, offset = (data, entry.begin) if aligned else (bytearray(data[entry.begin:entry.end]), 0)
+            tensor = torch.frombuffer(buffer, dtype=stored, count=entry.numel, offset=offset).view(entry.shape)
+        if dtype == torch.bool:
+            if tensor.numel() and int(tensor.max()) > 1:
+                raise AdapterError(f"{source} is corrupt: boolean tensor {name!r} holds bytes other than 0 and 1")
+            tensor = tensor.view(torch.bool)
+        tensors[name] = tensor
+    return tensors
 
 
 def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
@@ -114,7 +140,8 @@ def read_adapter_info(path: str | Path, *, verify: bool = True) -> dict[str, Any
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            header, info = _checked(handle, size, path.name, verify)
+            header = read_header(handle, size, path.name)
+            info = _checked(header, path.name, verify, lambda: file_sha256(handle, header))
     except OSError as error:
         raise _unreadable(path, error) from None
     info["num_parameters"] = header.num_elements
@@ -128,9 +155,9 @@ def _unreadable(path: Path, error: OSError) -> AdapterError:
     return AdapterError(f"cannot read the adapter file {str(path)!r}: {error.strerror or error}")
 
 
-def _checked(handle: Any, size: int, source: str, verify: bool) -> tuple[Header, dict[str, Any]]:
-    """Structure, format, checksum, then metadata and config: the order that gives the clearest error."""
-    header = read_header(handle, size, source)
+def _checked(header: Header, source: str, verify: bool, checksum: Callable[[], str]) -> dict[str, Any]:
+    """Format, checksum (`checksum()` computes it over the file's bytes), then metadata and config:
+    the order that gives the clearest error. The structure was checked by `read_header`."""
     metadata = header.metadata
     version = metadata.get(f"{PREFIX}format")
     if version is None:
@@ -140,13 +167,13 @@ def _checked(handle: Any, size: int, source: str, verify: bool) -> tuple[Header,
         raise AdapterError(f"{source} has adapter format version {version!r}; this adaptkit reads versions "
                            f"{[*UNVERIFIABLE_FORMATS, FORMAT_VERSION]}. Upgrade adaptkit to read it")
     if verify:
-        _verify(handle, header, version, source)
+        _verify(checksum, header, version, source)
     info = _decode(metadata, source)
     info["verified"] = verify
-    return header, info
+    return info
 
 
-def _verify(handle: Any, header: Header, version: str, source: str) -> None:
+def _verify(checksum: Callable[[], str], header: Header, version: str, source: str) -> None:
     if version in UNVERIFIABLE_FORMATS:
         raise AdapterError(f"{source} is an adapter file of format {version}, whose checksum does not cover its "
                            "config: it cannot be verified. If you trust it, load it with verify=False and save it "
@@ -155,7 +182,7 @@ def _verify(handle: Any, header: Header, version: str, source: str) -> None:
     if expected is None:
         raise AdapterError(f"{source} has no checksum ({CHECKSUM_KEY}), so nothing shows it is intact; "
                            "load it with verify=False only if you trust where it came from")
-    if file_sha256(handle, header) != expected:
+    if checksum() != expected:
         raise AdapterError(f"{source} is corrupt or was edited: its content does not match the checksum in its "
                            "header. Re-export it from the original, or pass verify=False if you trust the edit")
 

@@ -119,8 +119,12 @@ class AdaptedModel(nn.Module):
                 raise AdapterError(f"an adapter named {name!r} is already loaded; "
                                    "remove_adapter it first or choose another name")
             self._make_room()
-            reference = next(self.model.parameters())
-            adapter.to(device=reference.device)
+            # An adapter is built on one (the default) device: one tensor tells. `.to()` walks every
+            # submodule even when nothing moves: ~5 ms of a 7.6 MB hot-load.
+            device = next(self.model.parameters()).device
+            first = next(itertools.chain(adapter.parameters(), adapter.buffers()), None)
+            if first is not None and first.device != device:
+                adapter.to(device=device)
             adapter.attach()
             key = f"a{self._next_slot}"
             self._next_slot += 1

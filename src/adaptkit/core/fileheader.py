@@ -232,6 +232,14 @@ def file_sha256(handle: BinaryIO, header: Header) -> str:
     return _digest(header.metadata, specs, payloads())
 
 
+def buffer_sha256(header: Header, data: bytes | bytearray | memoryview) -> str:
+    """The checksum of a validated file whose tensor bytes (everything after the header) are `data`, in memory."""
+    names = sorted(header.tensors)
+    view = memoryview(data)
+    specs = {name: (header.tensors[name].dtype, list(header.tensors[name].shape)) for name in names}
+    return _digest(header.metadata, specs, (view[header.tensors[n].begin:header.tensors[n].end] for n in names))
+
+
 def tensors_sha256(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
     """The checksum of the file that `metadata` and these (contiguous, CPU) tensors will make."""
     names = sorted(tensors)

@@ -11,6 +11,13 @@ A header can claim any config: `r=1000000` in a 44 KB file once grew the process
    adapter is never much larger than its file, nor than a fraction of its backbone.
 2. only then the real build and load.
 
+A dry run reads only the family, its config, the backbone's layout, the file's tensor names,
+dtypes and shapes, the task head's description and the bound, and meta tensors hold no values: the
+same inputs give the same verdict. So a verdict that passed is remembered (per backbone, the last
+PASSED_KEPT of them) and a file with the same inputs skips straight to the real build: a store of
+adapters sharing one config pays for one dry run, which was two thirds of a hot-load (~50 of 75 ms
+for a 7.6 MB LoRA on gemma3-270m's shapes). A refused config is never remembered.
+
 Nothing here knows a family: it needs only that a family's constructor and `load_file` run on
 the meta device (under `torch.device("meta")`), as plain module code does. Tensors that a fresh
 adapter holds as all-true masks (AdaLoRA's kept triplets) are assumed all-true on meta as well.
@@ -20,6 +27,11 @@ Anything else a family raises while building from a file becomes an AdapterError
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import json
+import threading
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +48,11 @@ from adaptkit.core.errors import AdapterError
 
 if TYPE_CHECKING:
     from adaptkit.methods.base import Adapter
+
+PASSED_KEPT = 256
+_PASSED: weakref.WeakKeyDictionary[Arch, OrderedDict[tuple, None]] = weakref.WeakKeyDictionary()
+_PASSED_LOCK = threading.Lock()  # loads may run on several threads (a server's loader, a user's)
+_LOADING: contextvars.ContextVar[bool] = contextvars.ContextVar("adaptkit_loading_from_file", default=False)
 
 ALLOCATION_FACTOR = 16  # fresh tensors, temporaries and wrappers a constructor creates per saved element
 ALLOCATION_FLOOR = 1 << 24  # elements (64 MB of float32): room for a small adapter's construction
@@ -74,6 +91,13 @@ def _fresh_masks_all_true() -> Iterator[None]:
         yield
 
 
+def loading_from_file() -> bool:
+    """True while a family's constructor builds an adapter that `load_file` fills next (or that is dropped if
+    that fails): random initial values the strict load overwrites need not be drawn (a LoRA's A: ~10 ms of
+    a 7.6 MB hot-load on gemma3's shapes, 5M uniform draws)."""
+    return _LOADING.get()
+
+
 def build_from_file(adapter_class: type[Adapter], name: str, tensors: dict[str, torch.Tensor],
                     info: dict[str, Any], arch: Arch, *, backbone_elements: int, source: str) -> Adapter:
     """The adapter that `info` (a read file's metadata) and `tensors` describe, built and loaded."""
@@ -95,10 +119,24 @@ def build_from_file(adapter_class: type[Adapter], name: str, tensors: dict[str, 
                 f"holds {file_elements:,}: the config does not belong to these tensors, or is absurdly large"
             ) from None
 
-    _guarded(source, f"building the {method} adapter on the meta device", dry_run)
+    specs = tuple(sorted((k, str(t.dtype), tuple(t.shape)) for k, t in tensors.items()))
+    verdict = (adapter_class, config.to_json(), specs, json.dumps(info.get("head"), sort_keys=True), limit)
+    with _PASSED_LOCK:
+        known = verdict in _PASSED.setdefault(arch, OrderedDict())
+    if not known:
+        _guarded(source, f"building the {method} adapter on the meta device", dry_run)
+        with _PASSED_LOCK:
+            passed = _PASSED.setdefault(arch, OrderedDict())
+            passed[verdict] = None
+            if len(passed) > PASSED_KEPT:
+                passed.popitem(last=False)
 
     def real() -> Adapter:
-        adapter = adapter_class(name, config, arch)
+        token = _LOADING.set(True)
+        try:
+            adapter = adapter_class(name, config, arch)
+        finally:
+            _LOADING.reset(token)
         adapter.load_file(tensors, info)
         return adapter
 

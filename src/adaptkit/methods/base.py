@@ -141,13 +141,17 @@ class Adapter(nn.Module):
         self._load_checked(tensors)
 
     def _load_checked(self, tensors: dict[str, torch.Tensor]) -> None:
-        by_file_key = {_file_key(k): k for k in self._family_state()}
+        # Copied directly: nn.Module.load_state_dict filters the whole dict once per submodule, quadratic
+        # in the tensors (~10 ms of an all-linear LoRA's hot-load on gemma3, 1,260 tensors); no family
+        # registers load hooks. The head loads apart (load_file).
+        targets = {_file_key(k): v for k, v in self.state_dict(keep_vars=True).items() if not k.startswith(HEAD_PREFIX)}
+        missing, unexpected = sorted(set(targets) - set(tensors)), sorted(set(tensors) - set(targets))
+        wrong = [k for k in set(tensors) & set(targets) if tensors[k].shape != targets[k].shape]
+        if missing or unexpected or wrong:
+            raise AdapterError(f"adapter {self.name!r} ({self.method}) could not load {missing or unexpected or wrong}")
         with torch.no_grad():
-            result = self.load_state_dict({by_file_key[k]: v for k, v in tensors.items()}, strict=False)
-        missing = [k for k in result.missing_keys if not k.startswith(HEAD_PREFIX)]  # the head loads apart
-        if missing or result.unexpected_keys:
-            raise AdapterError(f"adapter {self.name!r} ({self.method}) could not load "
-                               f"{missing or result.unexpected_keys}")
+            for key, tensor in tensors.items():
+                targets[key].copy_(tensor)
 
     def config_for_file(self) -> AdapterConfig:
         """The config written next to the tensors (AdaLoRA, prefix MLP may change it on save)."""
