@@ -185,6 +185,9 @@ class GatheredUpdates:
         if self.rows is not None:
             x3 = x3.index_select(0, self.rows)
         low = torch.bmm(x3.to(self.down.dtype), self.down).mul_(self.scales)
+        if self.rows is None and output.dtype == low.dtype and output.is_contiguous():
+            # into the projection's fresh output, in place (the gathered path runs only without gradients)
+            return output.view(self.input_rows, -1, output.shape[-1]).baddbmm_(low, self.up).view(output.shape)
         delta = torch.bmm(low, self.up).to(output.dtype)
         if self.rows is None:
             return output + delta.view(output.shape)
