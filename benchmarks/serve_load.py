@@ -1,7 +1,13 @@
 """Load on the HTTP service: batching across adapters vs. one adapter per batch vs. one request at a time.
 
-    python benchmarks/serve_load.py            # full: ~15-25 min on 2 quiet CPU cores (plus ~4 min training)
-    python benchmarks/serve_load.py --quick    # ~6-10 min: fewer requests, shorter outputs, 4 steps per adapter
+    python benchmarks/serve_load.py            # full: 12 steps per adapter, 16/32/64 requests, 48 new tokens
+    python benchmarks/serve_load.py --quick    # 4 steps per adapter, 8/16/32 requests, 24 new tokens
+    python benchmarks/serve_load.py --render benchmarks/results/serve_load.json   # redraw the .md / .png
+
+Run time on the shared 2-core box these figures come from (load average ~10 from other jobs): --quick
+14 min of serving once its adapters exist (training them took 16 min there: AdaLoRA is the slow one);
+the full run is about 4x the serving and 3x the training, ~1.5 h there, roughly a third of that on
+two quiet cores. Adapters are kept in runs/serve_load/<backbone>/store and reused by later runs.
 
 On gemma3-270m with 4 real adapters of four families, each trained briefly with `ak.train` on a shipped
 sample (12 steps of batch 4 in the full run: they translate poorly, but they are real adapters of real
@@ -20,7 +26,10 @@ clients, against an in-process uvicorn server over one model:
     (c) one-by-one  the same requests, max_batch 1: one request at a time
     (s) single      the same sentences, all sent to one adapter (en-de/software), batching as (a)
 
-Throughput is sentences per second over the run; latency is per request (send to answer). Outputs of
+Throughput is sentences per second over the run, and per CPU-second of the process (steadier when
+other jobs share the CPU); latency is per request (send to answer). A first table measures one generate
+call of 1, 8 and 32 rows with every row writing the same number of tokens: the most batching can save
+on this hardware, for one adapter and for 4 adapters in one batch. Outputs of
 (a) and (b) are compared with (c) — the same request served alone — and the share that is identical
 is reported (float32: a batch's padding can move a near-tie). Client and server share one process and
 its CPU. Writes benchmarks/results/serve_load[-quick].{json,md,png}.
@@ -51,6 +60,7 @@ import adaptkit as ak
 from adaptkit.corpora import load_sample
 from adaptkit.serving.app import create_app
 from adaptkit.serving.settings import ServeSettings
+from adaptkit.tasks.translate import Translator
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path("runs/serve_load")
@@ -83,8 +93,8 @@ def train_adapters(model: ak.AdaptedModel, work: Path, steps: int) -> dict[str, 
         started = time.perf_counter()
         ak.train(model, adapter=name, train=sample, dev=None, adapter_config=config(steps), max_steps=steps,
                  batch_size=4, lr=lr, warmup_steps=1, eval_every=None, eval_samples=8, generate=False,
-                 max_source_len=64,
-                 max_target_len=64, src_lang=src, tgt_lang=tgt, domain=domain, progress=False, resume=False,
+                 max_source_len=64, max_target_len=64, src_lang=src, tgt_lang=tgt, domain=domain, progress=False,
+                 resume=False,
                  output_dir=str(work / "train" / name.replace("/", "_")))
         model.save_adapter(name, path, training={"serve_load_steps": steps, "sample": sample},
                            src_lang=src, tgt_lang=tgt, domain=domain)
@@ -159,6 +169,30 @@ async def closed_loop(url: str, bodies: list[dict[str, Any]], clients: int, max_
         return time.perf_counter() - started, latencies, outputs
 
 
+def batch_cost(model: ak.AdaptedModel, texts: dict[str, list[str]], sizes: list[int], max_new_tokens: int
+               ) -> list[dict[str, Any]]:
+    """The ceiling batching can reach: seconds per row of one generate call (every row writes exactly
+    max_new_tokens, so no row stops early), one adapter for all rows vs. the 4 adapters round-robin."""
+    translator = Translator(model, batch_size=max(sizes))
+    names = [a[0] for a in ADAPTERS]
+    langs = {a[0]: (a[2], a[3]) for a in ADAPTERS}
+    translator.translate(texts[names[0]][:1], "en", "de", adapter=names[0], num_beams=1, max_new_tokens=2)
+    out = []
+    for size in sizes:
+        for label, routes in (("one adapter", [SINGLE] * size), ("4 adapters", [names[i % 4] for i in range(size)])):
+            sources = [texts[names[i % 4]][i // 4 % len(texts[names[i % 4]])] for i in range(size)]
+            started, cpu = time.perf_counter(), time.process_time()
+            translator.translate(sources, [langs[r][0] for r in routes], [langs[r][1] for r in routes],
+                                 adapter=routes, num_beams=1, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=max_new_tokens)
+            wall = time.perf_counter() - started
+            out.append({"rows": size, "adapters": label, "seconds": round(wall, 2),
+                        "seconds_per_row": round(wall / size, 3),
+                        "cpu_seconds_per_row": round((time.process_time() - cpu) / size, 3)})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -176,6 +210,7 @@ def mean_since(app: Any, metric: str, before: tuple[float, float]) -> float | No
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     work = WORK / "".join(c if c.isalnum() or c in "-_." else "_" for c in args.backbone)
     model = ak.load(args.backbone, store=work / "store")
@@ -190,6 +225,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "python": platform.python_version(), "platform": platform.platform()},
         "runs": [],
     }
+    results["batch_cost"] = batch_cost(model, texts, [1, 8, max(args.clients)], args.max_new_tokens)
     outputs: dict[tuple[str, int], list[str]] = {}
     for clients in args.clients:  # modes interleaved per level: slow drift of a shared machine hits all alike
         for mode, knobs in MODES.items():
@@ -199,14 +235,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 warm = [requests_for(mode, len(ADAPTERS), texts)[i] for i in range(len(ADAPTERS))]
                 asyncio.run(closed_loop(url, warm, 1, 4))  # every adapter resident, first-call costs paid
                 rows_before = histogram_totals(app, "adaptkit_batch_rows")
+                cpu = time.process_time()
                 adapters_before = histogram_totals(app, "adaptkit_batch_adapters")
                 wall, latencies, outs = asyncio.run(closed_loop(url, bodies, clients, args.max_new_tokens))
+                cpu = time.process_time() - cpu
                 batches = int(histogram_totals(app, "adaptkit_batch_rows")[1] - rows_before[1])
                 rows = mean_since(app, "adaptkit_batch_rows", rows_before)
                 adapters = mean_since(app, "adaptkit_batch_adapters", adapters_before)
             outputs[(mode, clients)] = outs
             record = {"mode": mode, "clients": clients, "requests": len(bodies), "seconds": round(wall, 2),
-                      "sentences_per_s": round(len(bodies) / wall, 3),
+                      "sentences_per_s": round(len(bodies) / wall, 3), "cpu_seconds": round(cpu, 1),
+                      "sentences_per_cpu_s": round(len(bodies) / cpu, 3),
                       "p50_s": round(percentile(latencies, 0.5), 3), "p95_s": round(percentile(latencies, 0.95), 3),
                       "mean_s": round(statistics.fmean(latencies), 3), "batches": batches,
                       "mean_rows_per_batch": rows, "mean_adapters_per_batch": adapters}
@@ -223,17 +262,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            for b, o in zip(requests_for("mixed", 8, texts)[:4],
                                            outputs[("mixed", args.clients[-1])][:4])]
     results["ratios"] = ratios(results["runs"])
+    results["ratios_per_cpu_second"] = ratios(results["runs"], "sentences_per_cpu_s")
     results["wall_minutes"] = round((time.perf_counter() - started) / 60, 1)
     return results
 
 
-def ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
-    by = {(r["mode"], r["clients"]): r["sentences_per_s"] for r in runs}
+def ratios(runs: list[dict[str, Any]], field: str = "sentences_per_s") -> dict[str, float]:
+    by = {(r["mode"], r["clients"]): r[field] for r in runs}
     out = {}
     for clients in sorted({r["clients"] for r in runs}):
-        out[f"mixed/one-by-one@{clients}"] = round(by[("mixed", clients)] / by[("one-by-one", clients)], 2)
-        out[f"mixed/per-adapter@{clients}"] = round(by[("mixed", clients)] / by[("per-adapter", clients)], 2)
-        out[f"mixed/single@{clients}"] = round(by[("mixed", clients)] / by[("single", clients)], 2)
+        for other in ("one-by-one", "per-adapter", "single"):
+            out[f"mixed/{other}@{clients}"] = round(by[("mixed", clients)] / by[(other, clients)], 2)
     return out
 
 
@@ -245,20 +284,32 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['max_new_tokens']}; one sentence per request; closed-loop clients; server and clients in "
              f"one process on {results['machine']['cpus']} CPU cores (torch threads: "
              f"{results['machine']['torch_threads']}); {results['wall_minutes']} min in all.", "",
-             "| clients | mode | requests | sentences/s | p50 s | p95 s | batches | rows/batch | adapters/batch |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| clients | mode | requests | sentences/s | sentences per CPU-s | p50 s | p95 s | batches | rows/batch "
+             "| adapters/batch |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| {r['clients']} | {r['mode']} | {r['requests']} | {r['sentences_per_s']:.2f} | "
-                     f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['batches']} | {r['mean_rows_per_batch']} | "
-                     f"{r['mean_adapters_per_batch']} |")
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f}× |" for k, v in results["ratios"].items()]
+                     f"{r['sentences_per_cpu_s']:.2f} | {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['batches']} | "
+                     f"{r['mean_rows_per_batch']} | {r['mean_adapters_per_batch']} |")
+    single_row = next(c["seconds_per_row"] for c in results["batch_cost"] if c["rows"] == 1
+                      and c["adapters"] == "one adapter")
+    lines += ["", f"One generate call, every row writing {results['max_new_tokens']} tokens (no early stop): the "
+              "most batching can save here.", "",
+              "| rows | adapters | seconds | s per row | CPU-s per row | speed-up per row vs 1 row (wall, CPU) |",
+             "|---:|---|---:|---:|---:|---:|"]
+    single_cpu = next(c["cpu_seconds_per_row"] for c in results["batch_cost"] if c["rows"] == 1
+                      and c["adapters"] == "one adapter")
+    lines += [f"| {c['rows']} | {c['adapters']} | {c['seconds']:.1f} | {c['seconds_per_row']:.2f} | "
+              f"{c['cpu_seconds_per_row']:.2f} | {single_row / c['seconds_per_row']:.2f}×, "
+              f"{single_cpu / c['cpu_seconds_per_row']:.2f}× |" for c in results["batch_cost"]]
+    lines += ["", "| ratio | sentences/s | sentences per CPU-s |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v:.2f}× | {results['ratios_per_cpu_second'][k]:.2f}× |" for k, v in results["ratios"].items()]
     top = max(results["clients"])
-    lines += ["", f"Goals at {top} clients: mixed ≥ 3× one-by-one — "
-              f"{'met' if results['ratios'][f'mixed/one-by-one@{top}'] >= 3 else 'not met'} "
-              f"({results['ratios'][f'mixed/one-by-one@{top}']:.2f}×); mixed ≥ 0.8× single adapter — "
-              f"{'met' if results['ratios'][f'mixed/single@{top}'] >= 0.8 else 'not met'} "
-              f"({results['ratios'][f'mixed/single@{top}']:.2f}×).", "",
+    wall, cpu = results["ratios"], results["ratios_per_cpu_second"]
+    lines += ["", f"Goals at {top} clients (wall-clock; per CPU-second in brackets, the steadier measure on a "
+              f"shared machine): mixed ≥ 3× one-by-one — {wall[f'mixed/one-by-one@{top}']:.2f}× "
+              f"({cpu[f'mixed/one-by-one@{top}']:.2f}×); mixed ≥ 0.8× single adapter — "
+              f"{wall[f'mixed/single@{top}']:.2f}× ({cpu[f'mixed/single@{top}']:.2f}×).", "",
               "Outputs identical to the same request served alone (one-by-one): "
               + ", ".join(f"{k} {100 * v:.0f}%" for k, v in results["identical_to_one_by_one"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -270,19 +321,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = (("sentences_per_s", "sentences / s"), ("sentences_per_cpu_s", "sentences per CPU-second"),
+              ("p95_s", "p95 latency (s)"))
     for mode in MODES:
         runs = [r for r in results["runs"] if r["mode"] == mode]
-        xs = [r["clients"] for r in runs]
-        left.plot(xs, [r["sentences_per_s"] for r in runs], marker="o", label=mode)
-        right.plot(xs, [r["p95_s"] for r in runs], marker="o", label=mode)
-    for axis, label in ((left, "sentences / s"), (right, "p95 latency (s)")):
+        for axis, (field, _) in zip(axes, panels):
+            axis.plot([r["clients"] for r in runs], [r[field] for r in runs], marker="o", label=mode)
+    for axis, (_, label) in zip(axes, panels):
         axis.set_xscale("log", base=2)
         axis.set_xticks(results["clients"], [str(c) for c in results["clients"]])
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    left.legend()
+    axes[0].legend()
     fig.suptitle(f"{results['backbone']}: 4 adapters over one backbone, served over HTTP")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -294,10 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backbone", default="gemma3-270m")
     parser.add_argument("--steps", type=int, default=None, help="training steps per adapter (default 12; quick 4)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default 48; quick 24")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0)
+    parser.add_argument("--max-wait-ms", type=float, default=50.0,
+                        help="the service default is 10; 50 lets a burst of 32 requests sent by one client process "
+                             "arrive before the first batch closes")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a CPU shared with other jobs, OpenMP's spinning threads "
+                             "made 2 threads ~8x slower than 1 in our runs; on a machine of your own, try all cores)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", type=Path, help="only re-render the markdown and plot of a saved JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(results))
+        plot(results, args.render.with_suffix(".png"))
+        return 0
     args.steps = args.steps or (4 if args.quick else 12)
     args.max_new_tokens = args.max_new_tokens or (24 if args.quick else 48)
     results = run(args)
