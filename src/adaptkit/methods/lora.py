@@ -92,7 +92,8 @@ class LoRAUpdate(nn.Module):
         (in place under no_grad, where `out` is the projection's fresh output): no separate delta
         tensor, scaling pass and addition pass over the (tokens × out) output."""
         low = nn.functional.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)
-        if out.dtype != low.dtype or not out.is_contiguous():
+        # addmm does not autocast: under bf16/fp16 autocast `low` follows `out` but lora_B stays float32.
+        if not out.dtype == low.dtype == self.lora_B.dtype or not out.is_contiguous():
             return out + (nn.functional.linear(low, self.lora_B) * self.scale).to(out.dtype)
         flat, low = out.view(-1, out.shape[-1]), low.reshape(-1, low.shape[-1])
         if torch.is_grad_enabled():
@@ -185,7 +186,7 @@ class GatheredUpdates:
         if self.rows is not None:
             x3 = x3.index_select(0, self.rows)
         low = torch.bmm(x3.to(self.down.dtype), self.down).mul_(self.scales)
-        if self.rows is None and output.dtype == low.dtype and output.is_contiguous():
+        if self.rows is None and output.dtype == low.dtype == self.up.dtype and output.is_contiguous():
             # into the projection's fresh output, in place (the gathered path runs only without gradients)
             return output.view(self.input_rows, -1, output.shape[-1]).baddbmm_(low, self.up).view(output.shape)
         delta = torch.bmm(low, self.up).to(output.dtype)
