@@ -30,6 +30,6 @@ __version__ = "0.1.0"
 __all__ = [
     "METHODS", "AdaLoRA", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "Bottleneck",
     "Classifier", "Generator", "LoRA", "Prefix",
-    "TrainConfig", "Translator", "current_routing", "evaluate", "export_peft", "import_peft", "load", "read_adapter_info",
-    "register_method", "train",
+    "TrainConfig", "Translator", "current_routing", "evaluate", "export_peft", "import_peft", "load",
+    "read_adapter_info", "register_method", "train",
 ]
