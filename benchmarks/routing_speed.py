@@ -16,7 +16,9 @@ paired ratio: a noisy, shared machine slows both sides of a pair alike.
   5. loading: hot-load of a 7.6 MB adapter file (LoRA r8 on every projection of gemma3-270m; the zoo
      backbone when cached, else its shapes) against reading the file's bytes; the load time of the
      n-th adapter from a store of 1,000 as the bank grows to 1,000 resident; and cold: the adapter
-     against reloading a full fine-tuned checkpoint of the same backbone (`from_pretrained`, 1.07 GB).
+     against reloading a full fine-tuned checkpoint of the same backbone (`from_pretrained`, 1.07 GB);
+  6. the chunked target-token loss (evaluation/loss.py) against the plain one: peak memory growth and
+     time of one LoRA loss + backward on gemma3's 262k vocabulary, each in a fresh forked process.
 
 Writes benchmarks/results/routing_speed.json (every figure, machine, load, versions, commit),
 routing_speed.md and routing_speed.png.
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import statistics
@@ -299,6 +302,52 @@ def store_growth(count: int) -> dict:
             "routed_call_ms": {"1_resident": median_ms(first), "all_resident": median_ms(last)}}
 
 
+# -- 6: chunked target-token loss (the training step's logits on a 262k vocabulary) --------------------
+
+def chunked_loss(quick: bool) -> dict:
+    """Peak RSS growth and time of one LoRA loss + backward, plain vs chunked, each in a fresh forked process."""
+    out = {"backbone": "gemma3 layout with its 262,144-token vocabulary, d 64, 2 layers (the logits' size "
+                       "depends on the vocabulary and the target count only)",
+           "batch": "8 rows × 64 tokens, 40 target tokens per row (320 targets)"}
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return {**out, "skipped": "needs fork"}
+    context = multiprocessing.get_context("fork")
+    for chunked in (False, True):
+        receive, send = context.Pipe(duplex=False)
+        worker = context.Process(target=_loss_step, args=(chunked, send))
+        worker.start()
+        out["chunked" if chunked else "plain"] = receive.recv()
+        worker.join()
+    out["peak_growth_chunked_over_plain"] = out["chunked"]["peak_growth_mb"] / out["plain"]["peak_growth_mb"]
+    out["step_chunked_over_plain"] = out["chunked"]["seconds"] / out["plain"]["seconds"]
+    return out
+
+
+def _loss_step(chunked: bool, send) -> None:
+    from adaptkit.bench.measure import RssSampler, current_rss
+    from adaptkit.evaluation.loss import target_loss
+
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(vocab_size=262144, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=64,
+                                 layer_types=["sliding_attention", "full_attention"], pad_token_id=0)
+    model = ak.AdaptedModel(tf.Gemma3ForCausalLM(config))
+    model.add_adapter("a", ak.LoRA(r=8))
+    model.train()
+    batch_ids = torch.randint(3, 262144, (8, 64), generator=torch.Generator().manual_seed(0))
+    labels = batch_ids.clone()
+    labels[:, :24] = -100
+    batch = {"input_ids": batch_ids, "attention_mask": torch.ones_like(batch_ids), "labels": labels}
+    target_loss(model, {k: v[:1, 16:32] for k, v in batch.items()}, "a", chunked=chunked).backward()  # warm-up
+    before = current_rss()
+    with RssSampler(every=0.002) as sampler:
+        start = time.perf_counter()
+        loss = target_loss(model, batch, "a", chunked=chunked)
+        loss.backward()
+        seconds = time.perf_counter() - start
+    send.send({"loss": loss.item(), "seconds": seconds, "peak_growth_mb": (sampler.peak - before) / 2**20})
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 def provenance(threads: int, quick: bool) -> dict:
@@ -324,6 +373,7 @@ def main() -> None:
         "switching": lambda: switching(rounds),
         "hot_load": lambda: hot_and_cold_load(rounds, cold=not args.quick),
         "store_growth": lambda: store_growth(100 if args.quick else 1000),
+        "chunked_loss": lambda: chunked_loss(args.quick),
     }
     for key, step in steps.items():
         started = time.perf_counter()
@@ -373,6 +423,11 @@ def table(r: dict) -> list[str]:
               f"| {g['first_tenth_median_ms']:.1f} / {g['last_tenth_median_ms']:.1f} ms |",
               f"| a routed call with 1 / {g['adapters']} adapters resident | "
               f"{g['routed_call_ms']['1_resident']:.1f} / {g['routed_call_ms']['all_resident']:.1f} ms |"]
+    c = r["chunked_loss"]
+    if "skipped" not in c:
+        lines.append(f"| LoRA loss + backward on a 262k vocabulary, chunked / plain: peak memory growth, time | "
+                     f"{c['chunked']['peak_growth_mb']:.0f} / {c['plain']['peak_growth_mb']:.0f} MiB "
+                     f"({c['peak_growth_chunked_over_plain']:.2f}×), {c['step_chunked_over_plain']:.2f}× |")
     if "checkpoint_reload_over_adapter_load" in h:
         lines.append(f"| cold: reloading the {h['checkpoint_gb']:.2f} GB checkpoint / loading the adapter | "
                      f"{h['checkpoint_reload_over_adapter_load']:.0f}× ({h['cold_median_ms']['reload_checkpoint']:.0f}"
