@@ -143,12 +143,18 @@ def end_to_end(args: argparse.Namespace, classifier: Classifier, out_dir: Path) 
     for name, (samples, domain) in TRANSLATION.items():
         rows = [row for sample in samples for row in load_sample(sample, "train")]
         rng.shuffle(rows)
+        run_dir = out_dir / name.replace("/", "-")
+        done = run_dir / "summary.json"
+        if done.is_file() and json.loads(done.read_text())["steps"] == args.translation_steps:
+            model.load_adapter(json.loads(done.read_text())["output"], name)  # trained by an earlier run
+            timings[name] = json.loads(done.read_text())["seconds"]
+            continue
         started = time.perf_counter()
         ak.train(model, adapter=name, train=Dataset.from_list(rows), dev=None,
                  adapter_config=ak.LoRA(r=16, alpha=32, targets="all-linear"), max_steps=args.translation_steps,
                  batch_size=8, lr=1e-3, warmup_steps=4, eval_every=None, max_source_len=96, max_target_len=96,
-                 src_lang="en", tgt_lang="es", domain=domain, output_dir=str(out_dir / name.replace("/", "-")),
-                 resume=False, progress=args.progress)
+                 src_lang="en", tgt_lang="es", domain=domain, output_dir=str(run_dir), resume=False,
+                 progress=args.progress)
         timings[name] = time.perf_counter() - started
     test = []
     for name in ("en-es/software", "en-es/bible"):
