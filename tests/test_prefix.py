@@ -282,6 +282,22 @@ def test_mixed_generate_rows_equal_rows_alone(arch, beams):
     assert differs  # the prefixes change what is generated, so the equality above means something
 
 
+@pytest.mark.usefixtures("float64")
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "marian"])
+def test_generate_is_the_same_with_each_cache_class_as_without_cache(arch):
+    """The prefix never enters the KV cache, so the cache class cannot matter: each one gives what recomputing
+    every step without a cache gives. Tried here: DynamicCache and StaticCache (Gemma 3's sliding-window
+    layers included; for seq2seq inside an EncoderDecoderCache). Offloaded caches need CUDA and the quantized
+    one optimum-quanto, neither of which this suite has."""
+    model = mixed_model(arch)
+    batch = {k: v for k, v in tiny_batch(arch).items() if k != "decoder_input_ids"}
+    specs = ["a", None, "b", ("a", "b")]
+    options = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0, adapter=specs)
+    uncached = model.generate(**batch, use_cache=False, **options)
+    for cache in ("dynamic", "static"):
+        assert torch.equal(model.generate(**batch, cache_implementation=cache, **options), uncached), cache
+
+
 # -- the switch and the errors ----------------------------------------------------------------------
 
 def test_attention_switches_back_only_when_last_prefix_leaves():
