@@ -105,7 +105,7 @@ def test_every_family_trains_and_generates(method, task, tmp_path):
     fresh = tiny()
     fresh.load_adapter(summary["output"])
     from_file = Generator(fresh).generate(TEXTS, max_new_tokens=5)  # adapter and task found from the file
-    assert from_file == Generator(model).generate(TEXTS, adapter="content", task=task, max_new_tokens=5)
+    assert from_file == Generator(model).generate(TEXTS, adapter="content", max_new_tokens=5)  # keys kept in the bank
     written = " ".join(from_file).split()
     assert all(from_file) and sum(w in ("b0", "b1", "b2") for w in written) > len(written) / 2, from_file
     assert from_file != Generator(model).generate(TEXTS, adapter=None, task=task, max_new_tokens=5)

@@ -69,7 +69,8 @@ class StyleEvaluation:
 @torch.no_grad()
 def evaluate_style(model: Any, rows: Any, adapter: Any, *, prompt: PromptFormat | None = None,
                    batch_size: int = 16, num_beams: int = 1, max_new_tokens: int = 128,
-                   max_source_len: int | None = 256, resamples: int = 1000, seed: int = 0) -> StyleEvaluation:
+                   max_source_len: int | None = 256, resamples: int = 1000, seed: int = 0,
+                   progress: bool = False) -> StyleEvaluation:
     """Rewrite each row's `src` with `adapter` (None: the bare backbone) and score it, and the `src` itself,
     against `tgt`."""
     rows = list(rows)
@@ -79,7 +80,7 @@ def evaluate_style(model: Any, rows: Any, adapter: Any, *, prompt: PromptFormat 
     hypotheses = generator.generate([r["src"] for r in rows], adapter=[adapter] * len(rows), task="style",
                                     src_lang=[r.get("src_lang") or "en" for r in rows],
                                     tgt_lang=[r.get("tgt_lang") or r.get("src_lang") or "en" for r in rows],
-                                    num_beams=num_beams, max_new_tokens=max_new_tokens)
+                                    num_beams=num_beams, max_new_tokens=max_new_tokens, progress=progress)
     sources, references = [r["src"] for r in rows], [r["tgt"] for r in rows]
     return StyleEvaluation(
         sentences=len(rows), adapted=translation_metrics(hypotheses, references),
@@ -93,7 +94,7 @@ def evaluate_style(model: Any, rows: Any, adapter: Any, *, prompt: PromptFormat 
 def dialogue_metrics(model: Any, rows: Any, adapter: Any, *, prompt: PromptFormat | None = None,
                      encoded: Any = None, generate: bool = True, batch_size: int = 16, max_new_tokens: int = 64,
                      max_source_len: int | None = 256, max_target_len: int | None = 256,
-                     slice_head: bool = True) -> dict[str, float]:
+                     slice_head: bool = True, progress: bool = False) -> dict[str, float]:
     """Loss and perplexity of the reference replies; with `generate`, distinct-1/2 and mean length of
     greedy replies. `encoded` reuses a tokenized copy of `rows` (the trainer passes its own)."""
     rows = list(rows)
@@ -110,7 +111,7 @@ def dialogue_metrics(model: Any, rows: Any, adapter: Any, *, prompt: PromptForma
             generator = Generator(model, prompts={"dialogue": prompt} if prompt else None, batch_size=batch_size,
                                   max_source_len=max_source_len)
             replies = generator.generate([r["src"] for r in rows], adapter=[adapter] * len(rows), task="dialogue",
-                                         max_new_tokens=max_new_tokens)
+                                         max_new_tokens=max_new_tokens, progress=progress)
             results.update(reply_stats(replies))
     finally:
         model.train(was_training)
@@ -137,13 +138,14 @@ class DialogueEvaluation:
 
 def evaluate_dialogue(model: Any, rows: Any, adapter: Any, *, prompt: PromptFormat | None = None,
                       generate: bool = True, batch_size: int = 16, max_new_tokens: int = 64,
-                      max_source_len: int | None = 256, max_target_len: int | None = 256) -> DialogueEvaluation:
+                      max_source_len: int | None = 256, max_target_len: int | None = 256,
+                      progress: bool = False) -> DialogueEvaluation:
     """`dialogue_metrics` of `adapter` and of the bare backbone on `rows` (`src`: the turn(s), `tgt`: the reply)."""
     rows = list(rows)
     prompt = _task_prompt(model, "dialogue", prompt)
     encoded, _ = encode_pairs(rows, model.tokenizer, model.family, prompt=prompt, max_source_len=max_source_len,
                               max_target_len=max_target_len)
     common = dict(prompt=prompt, encoded=encoded, generate=generate, batch_size=batch_size,
-                  max_new_tokens=max_new_tokens, max_source_len=max_source_len)
+                  max_new_tokens=max_new_tokens, max_source_len=max_source_len, progress=progress)
     return DialogueEvaluation(len(rows), dialogue_metrics(model, rows, adapter, **common),
                               dialogue_metrics(model, rows, None, **common), reply_stats([r["tgt"] for r in rows]))

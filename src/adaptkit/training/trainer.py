@@ -210,9 +210,10 @@ class Recipe:
             self.route = None
             named = list(model.model.named_parameters())
         else:
-            if cfg.adapter not in model.adapters:
+            if cfg.adapter not in model.adapters:  # routing keys as in its file: Translator / Generator find it
                 model.add_adapter(cfg.adapter, adapter_config or adapter_class_for(cfg.method).config_class
-                                  .from_dict(cfg.adapter_options))
+                                  .from_dict(cfg.adapter_options), task=cfg.task, src_lang=cfg.src_lang,
+                                  tgt_lang=cfg.tgt_lang, domain=cfg.domain)
             if self.labels is not None:
                 C.ensure_head(model, cfg.adapter, self.labels, cfg.pooling)
             self.route = cfg.adapter
