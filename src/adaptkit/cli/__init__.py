@@ -21,6 +21,7 @@ SUBCOMMANDS = [
     ("adaptkit.cli.generate", "add_generate_command"),
     ("adaptkit.cli.serve", "add_serve_command"),
     ("adaptkit.cli.translate", "add_translate_command"),
+    ("adaptkit.cli.augment", "add_augment_commands"),
 ]
 
 
