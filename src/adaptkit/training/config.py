@@ -50,6 +50,15 @@ class TrainConfig:
                                               "(default: the data's src_lang column)")
     tgt_lang: str | None = option(None, help="target language saved for routing (default: the data's tgt_lang)")
     domain: str | None = option(None, help="domain saved in the adapter file for routing")
+    reverse: bool = option(False, help="swap the data's sides (src ↔ tgt, src_lang ↔ tgt_lang): an en→de corpus "
+                                       "trains a de→en adapter, e.g. for back-translation")
+    synthetic: str | None = option(None, help="synthetic pairs mixed into training (e.g. `adaptkit augment "
+                                              "backtranslate` output): directory, file or sample name")
+    synthetic_ratio: float = option(0.5, help="with synthetic: the synthetic share of every batch, exactly "
+                                              "(batch g holds floor((g+1)rB) - floor(grB) synthetic rows)")
+    synthetic_tag: str | None = option(None, help='with synthetic: prefix of synthetic sources only (tagged '
+                                                  'back-translation), e.g. "<BT> "; real sources, and sources at '
+                                                  "translation time, stay untagged")
     prompt: str | None = option(None, help="decoder LM prompt template (default: data.PromptFormat's)")
     chat_template: bool = option(False, help="decoder LMs: wrap the prompt in the tokenizer's chat template")
     max_source_len: int = option(256, help="source tokens kept per row")
@@ -108,6 +117,11 @@ class TrainConfig:
             raise ValueError(f"metric {self.metric!r} scores classification; set task=classify")
         elif self.metric not in (None, "loss") and not self.generate:
             raise ValueError(f"metric {self.metric!r} is computed on generated output; set generate=True")
+        if not 0 < self.synthetic_ratio < 1:
+            raise ValueError(f"synthetic_ratio is the synthetic share of a batch, between 0 and 1 (exclusive); "
+                             f"got {self.synthetic_ratio}")
+        if (self.reverse or self.synthetic is not None) and self.task == "classify":
+            raise ValueError("reverse and synthetic are for text pairs; task=classify trains on {text, label} rows")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
 

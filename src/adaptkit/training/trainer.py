@@ -46,6 +46,7 @@ from adaptkit.evaluation.translation import evaluate
 from adaptkit.methods.base import AdapterConfig
 from adaptkit.tasks import classify as C
 from adaptkit.training import checkpoint as ckpt
+from adaptkit.training import mixing
 from adaptkit.training.config import TrainConfig, read_config_file, slug
 
 __all__ = ["EpochSampler", "Recipe", "TrainConfig", "lr_factor", "read_config_file", "train"]
@@ -53,12 +54,14 @@ __all__ = ["EpochSampler", "Recipe", "TrainConfig", "lr_factor", "read_config_fi
 
 def train(model: Any, adapter: str | None = None, train: Any = None, dev: Any = None, *,
           config: TrainConfig | None = None, adapter_config: AdapterConfig | None = None,
-          **options: Any) -> dict[str, Any]:
+          synthetic: Any = None, **options: Any) -> dict[str, Any]:
     """Train one adapter (or, with `full=True`, the whole backbone); returns the run summary.
 
     `model` is an `AdaptedModel` (or a backbone name to load); `train`/`dev` are datasets, files,
     directories or shipped sample names (default: `data`'s splits); `options` are `TrainConfig`
     fields. A new adapter is built from `adapter_config`, else from `method` + `adapter_options`.
+    `synthetic` (a dataset, file or directory, e.g. back-translated pairs) is mixed into every batch
+    at `synthetic_ratio` (training/mixing.py).
 
     >>> ak.train(model, adapter="en-de/it", train="libreoffice-help-en-de", max_steps=40, r=16)
     """
@@ -70,10 +73,12 @@ def train(model: Any, adapter: str | None = None, train: Any = None, dev: Any = 
         values["adapter"] = adapter
     if family_options:
         values["adapter_options"] = {**values.get("adapter_options", {}), **family_options}
+    if isinstance(synthetic, (str, os.PathLike)):  # a path is recorded in the adapter's training record
+        values["synthetic"], synthetic = str(synthetic), None
     cfg = TrainConfig.from_dict(values)
     recipe = Recipe(cfg)
     try:
-        recipe.setup(model, train, dev, adapter_config)
+        recipe.setup(model, train, dev, adapter_config, synthetic=synthetic)
         return recipe.run()
     finally:
         recipe.cleanup()
@@ -156,7 +161,8 @@ class Recipe:
         self._requires_grad: dict[torch.nn.Parameter, bool] = {}
 
     # -- setup ----------------------------------------------------------------------------------
-    def setup(self, model: Any, train_data: Any, dev_data: Any, adapter_config: AdapterConfig | None) -> None:
+    def setup(self, model: Any, train_data: Any, dev_data: Any, adapter_config: AdapterConfig | None,
+              synthetic: Any = None) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -183,6 +189,9 @@ class Recipe:
         dev_rows = D.load_pairs(dev_data, cfg.dev_split) if dev_data is not None else None
         if dev_rows is not None and cfg.eval_samples:
             dev_rows = dev_rows.select(range(min(cfg.eval_samples, len(dev_rows))))
+        if cfg.reverse:  # before the routing keys are read from the rows: they then name the reversed pair
+            train_rows = mixing.swap_sides(train_rows)
+            dev_rows = mixing.swap_sides(dev_rows) if dev_rows is not None else None
         self.labels: list[str] | None = None  # task=classify: the head's label set
         self.dev_rows = dev_rows
         if cfg.task == "classify":
@@ -198,7 +207,13 @@ class Recipe:
                 print(f"train data: {report}")
             self.dev_enc = D.encode_pairs(dev_rows, **encode)[0] if dev_rows is not None else None
             self.collate = D.Collator(self.tokenizer, self.family)
-        self.sampler = EpochSampler(len(train_enc), cfg.seed)
+        synthetic = synthetic if synthetic is not None else cfg.synthetic
+        if synthetic is not None and cfg.task == "classify":
+            raise ValueError("synthetic pairs are for text-pair tasks; task=classify trains on {text, label} rows")
+        if synthetic is not None:
+            train_enc = self._with_synthetic(train_enc, synthetic, encode)
+        else:
+            self.sampler = EpochSampler(len(train_enc), cfg.seed)
         loader = torch.utils.data.DataLoader(train_enc, batch_size=cfg.batch_size, sampler=self.sampler,
                                              collate_fn=self.collate)
 
@@ -261,6 +276,23 @@ class Recipe:
                         if dev_rows is not None else None)
         self.collate = C.ClassificationCollator(self.tokenizer)
         return train_enc
+
+    def _with_synthetic(self, train_enc: Any, synthetic: Any, encode: dict[str, Any]) -> Any:
+        """Real rows then synthetic ones (tagged if asked) in one dataset; the sampler mixes each batch."""
+        from datasets import concatenate_datasets
+
+        cfg = self.cfg
+        rows = D.load_pairs(synthetic, "train")
+        mixing.check_direction(rows, cfg.src_lang, cfg.tgt_lang)
+        if cfg.synthetic_tag:
+            rows = mixing.tag_sources(rows, cfg.synthetic_tag)
+        synthetic_enc, report = D.encode_pairs(rows, **encode)
+        if report.truncated and self.accelerator.is_main_process:
+            print(f"synthetic data: {report}")
+        self.synthetic_rows = len(synthetic_enc)
+        self.sampler = mixing.MixedSampler(len(train_enc), len(synthetic_enc), cfg.batch_size,
+                                           cfg.synthetic_ratio, cfg.seed)
+        return concatenate_datasets([train_enc, synthetic_enc])
 
     def _need_data(self) -> str:
         if self.cfg.data is None:
@@ -408,8 +440,11 @@ class Recipe:
 
     # -- save -----------------------------------------------------------------------------------
     def training_metadata(self) -> dict[str, Any]:
-        return {**self.cfg.to_dict(), "step": self.state.step, "num_processes": self.accelerator.num_processes,
-                "backbone_id": self.model.backbone_id}
+        record = {**self.cfg.to_dict(), "step": self.state.step, "num_processes": self.accelerator.num_processes,
+                  "backbone_id": self.model.backbone_id}
+        if hasattr(self, "synthetic_rows"):
+            record["synthetic_rows"] = self.synthetic_rows
+        return record
 
     def save_output(self, results: dict[str, float] | None) -> None:
         """The adapter file (routing keys, metrics, training config in its header) or the full checkpoint."""
