@@ -228,3 +228,25 @@ def test_synthetic_from_a_directory_is_recorded(tmp_path):
     summary = train(tiny("llama"), "mix", pairs(16, 0), synthetic=tmp_path / "bt", max_steps=2,
                     output_dir=str(tmp_path / "run"), **FAST)
     assert ak.read_adapter_info(summary["output"])["training"]["synthetic"] == str(tmp_path / "bt")
+
+
+def test_interrupted_mixed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    """The mixed batches are a function of (seed, batch number): a run resumed from a checkpoint trains on
+    what an uninterrupted one did. 2 epochs of real rows (40 rows, 6 real per batch → 7 batches an epoch)."""
+    options = dict(synthetic=pairs(5, 7), synthetic_ratio=0.25, synthetic_tag="b29 ", max_steps=10,
+                   checkpoint_every=4, **{**FAST, "resume": True})
+    reference = train(tiny("llama"), "mix", pairs(40, 0), output_dir=str(tmp_path / "ref"), **options)
+    original = Recipe._optimizer_step
+
+    def crash_at_step_7(self, window):
+        if self.state.step == 6:
+            raise KeyboardInterrupt
+        return original(self, window)
+
+    monkeypatch.setattr(Recipe, "_optimizer_step", crash_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny("llama"), "mix", pairs(40, 0), output_dir=str(tmp_path / "cut"), **options)
+    monkeypatch.setattr(Recipe, "_optimizer_step", original)
+    resumed = train(tiny("llama"), "mix", pairs(40, 0), output_dir=str(tmp_path / "cut"), **options)
+    test_train._assert_same(test_train._adapter_tensors(reference["output"]),
+                            test_train._adapter_tensors(resumed["output"]))
