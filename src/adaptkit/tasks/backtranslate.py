@@ -101,11 +101,10 @@ def backtranslate(model: AdaptedModel, adapter: str | Path, texts: Sequence[str]
         "settings": {"batch_size": batch_size, "chunk_size": chunk_size, "max_new_tokens": max_new_tokens,
                      "num_beams": num_beams},
     }
-    _claim(out, manifest)
-
     name = _free_name(model, f"backtranslate/{adapter.stem}")
-    model.load_adapter(adapter, name=name)
+    model.load_adapter(adapter, name=name)  # first: a file that does not fit the backbone claims no directory
     try:
+        _claim(out, manifest)
         return _run(model, name, info, texts, out, manifest, batch_size=batch_size, num_beams=num_beams,
                     max_new_tokens=max_new_tokens, progress=progress, on_chunk=on_chunk)
     finally:
