@@ -45,6 +45,8 @@ FUNCTION_LEVEL_ALLOWED = {
     "fastapi": "only the service",
     "uvicorn": "only the service",
     "ray": "only distributed serving",
+    "torchao": "optional (the quant extra); only ak.load(..., quantize='int8') on CPU",
+    "bitsandbytes": "optional, CUDA only; only ak.load(..., quantize=...) on a GPU",
 }
 
 
