@@ -2,6 +2,8 @@
 
     python examples/domain_classifier.py                   # the classifier: 35 min on 2 loaded CPU cores
     python examples/domain_classifier.py --end-to-end      # + gemma3-270m en→es routing by predicted domain
+    python examples/domain_classifier.py --classifier runs/domain-classifier/classifier/domain.safetensors \
+        --skip-classifier-test --end-to-end --test-sentences 50   # end to end only, on the trained classifier
 
 Part 1 — which domain is this English sentence from? Labels are the shipped samples' own `domain`
 keys, from their source side only: `software-documentation` (LibreOffice help, en-de and en-es
@@ -164,21 +166,43 @@ def end_to_end(args: argparse.Namespace, classifier: Classifier, out_dir: Path) 
     sources, references = [r["src"] for r in test], [r["tgt"] for r in test]
     translator = Translator(model, batch_size=16, domain_classifier=classifier, domain_threshold=0.5)
     options = dict(num_beams=1, max_new_tokens=96)
+    seconds = {}
     started = time.perf_counter()
     auto = translator.translate_detailed(sources, "en", "es", domain="auto", **options)
-    seconds_auto = time.perf_counter() - started
+    seconds["auto"] = time.perf_counter() - started
+    started = time.perf_counter()
     true = translator.translate_detailed(sources, "en", "es", domain=[r["domain"] for r in test], **options)
+    seconds["true_domain"] = time.perf_counter() - started
+    started = time.perf_counter()
     mixed = translator.translate(sources, "en", "es", adapter="en-es/mixed", **options)
+    seconds["mixed_adapter"] = time.perf_counter() - started
     hypotheses = {"auto": [r.text for r in auto], "true_domain": [r.text for r in true], "mixed_adapter": mixed}
+
+    def scores(rows: list[int]) -> dict[str, dict[str, float]]:
+        refs = [references[i] for i in rows]
+        return {k: translation_metrics([v[i] for i in rows], refs) for k, v in hypotheses.items()}
+
+    def gain(a: str, b: str) -> dict[str, Any]:  # b − a, paired over the same sentences
+        g = paired_bootstrap(hypotheses[a], hypotheses[b], references)
+        return {"a": g.a, "b": g.b, "gain": g.gain, "low": g.low, "high": g.high, "text": str(g)}
+
+    domains = sorted({r["domain"] for r in test})
+    predicted: dict[str, dict[str, int]] = {d: {} for d in domains}
+    for row, result in zip(test, auto):
+        label = result.predicted_domain or "none"
+        predicted[row["domain"]][label] = predicted[row["domain"]].get(label, 0) + 1
     return {
-        "test_rows": len(test), "translation_steps": args.translation_steps, "train_seconds": timings,
-        "chrf": {k: translation_metrics(v, references)["chrf"] for k, v in hypotheses.items()},
-        "bleu": {k: translation_metrics(v, references)["bleu"] for k, v in hypotheses.items()},
-        "auto_vs_true": str(paired_bootstrap(hypotheses["true_domain"], hypotheses["auto"], references)),
-        "mixed_vs_true": str(paired_bootstrap(hypotheses["true_domain"], mixed, references)),
+        "test_rows": len(test), "rows_per_domain": args.test_sentences, "translation_steps": args.translation_steps,
+        "train_seconds": timings, "translate_seconds": seconds,
+        "all": scores(list(range(len(test)))),
+        "per_domain": {d: scores([i for i, r in enumerate(test) if r["domain"] == d]) for d in domains},
+        "auto_vs_true": gain("true_domain", "auto"), "mixed_vs_true": gain("true_domain", "mixed_adapter"),
+        "auto_vs_mixed": gain("mixed_adapter", "auto"),
+        "predicted_domain": predicted,
         "rows_routed_as_true": sum(a.adapter == t.adapter for a, t in zip(auto, true)),
         "rows_below_threshold": sum(a.domain is None for a in auto),
-        "seconds_auto": seconds_auto,
+        "samples": [{"domain": test[i]["domain"], "src": sources[i], "tgt": references[i],
+                     **{k: v[i] for k, v in hypotheses.items()}} for i in range(4)],
     }
 
 
@@ -189,13 +213,16 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=None, help="train rows per class (default: the smallest)")
     parser.add_argument("--classifier", help="a classifier file trained by an earlier run: skip training it")
     parser.add_argument("--end-to-end", action="store_true", help="also the gemma3-270m domain='auto' run")
+    parser.add_argument("--skip-classifier-test", action="store_true",
+                        help="with --classifier: do not measure it again (only the end-to-end part)")
     parser.add_argument("--translation-steps", type=int, default=40)
     parser.add_argument("--test-sentences", type=int, default=40, help="per domain, end to end")
+    parser.add_argument("--runs-dir", default="runs/domain-classifier", help="where adapters are trained / reused")
     parser.add_argument("--output", default="runs/domain-classifier/results.json")
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
-    out_dir = Path(args.output).parent
+    out_dir = Path(args.runs_dir)
     data = domain_rows(args.per_class, dev_per_class=50)
     if args.classifier:  # trained before: measure it again, and use it end to end
         path, seconds = args.classifier, None
@@ -203,13 +230,15 @@ def main() -> None:
     else:
         classifier, summary = train_classifier(args, data, out_dir)
         path, seconds = summary["output"], summary["seconds"]
-    results: dict[str, Any] = {"classifier": {"train_rows": len(data["train"]), "train_seconds": seconds,
-                                              **measure_classifier(classifier, path, data["test"])}}
-    print(json.dumps(results["classifier"], indent=2))
+    results: dict[str, Any] = {}
+    if not args.skip_classifier_test:
+        results["classifier"] = {"train_rows": len(data["train"]), "train_seconds": seconds,
+                                 **measure_classifier(classifier, path, data["test"])}
+        print(json.dumps(results["classifier"], indent=2))
     if args.end_to_end:
         results["end_to_end"] = end_to_end(args, classifier, out_dir)
         print(json.dumps(results["end_to_end"], indent=2))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
 
 
