@@ -3,126 +3,112 @@
     adaptkit translate --store adapters/ --src en --tgt de --domain software manual.txt --out manual.de.txt
     adaptkit translate --adapter runs/demo/en-es_bible/en-es-bible.safetensors --src en --tgt es < verses.txt
     adaptkit translate --store adapters/ rows.jsonl          # {"text", "src_lang"?, "tgt_lang"?, "domain"?, "adapter"?}
+    adaptkit translate --store adapters/ --src en --tgt de --input big.txt --output big.de.txt --workers 2
 
 Each row goes to the adapter whose header has its src_lang / tgt_lang / domain — the rule the HTTP
 service uses — or to the one named (`--use NAME`, or one `--adapter FILE`). Text in: one line out
-per line in. JSONL in: each object out again with `translation` and `adapter` added.
+per line in, blank lines kept. JSONL in: each object out again with `translation` and `adapter` added.
+
+File to file, the input is translated in shards of --shard-lines lines by --workers workers
+(spawned processes, `accelerate launch` processes, or Ray actors: --launcher), each shard written
+atomically into OUTPUT.shards/ and the output merged in input order. A killed run, rerun the same
+way, translates only the shards that are not on disk; a rerun with another input or other
+settings is refused until --restart. Under `accelerate launch` each process takes its share.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
-from typing import Any, TextIO
 
 from adaptkit.cli import main as adaptkit_main
 from adaptkit.core.adapterfile import read_adapter_info
-from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
-from adaptkit.serving.catalog import AdapterCatalog
-from adaptkit.tasks.translate import Translator, match_adapter
-
-
-def read_rows(handle: TextIO, jsonl: bool, defaults: dict[str, str | None]) -> list[dict[str, Any]]:
-    """Rows with `text`, `src_lang`, `tgt_lang`, `domain` (and `adapter` when a JSONL row names one)."""
-    rows = []
-    for number, line in enumerate(handle, 1):
-        if not line.strip():
-            if not jsonl:
-                rows.append({"text": "", **defaults, "_blank": True})
-            continue
-        if not jsonl:
-            rows.append({"text": line.rstrip("\n"), **defaults})
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise AdapterError(f"line {number} is not JSON: {error}") from None
-        text = row.get("text", row.get("src"))
-        if not isinstance(text, str):
-            raise AdapterError(f"line {number} has no 'text' (or 'src') string")
-        rows.append({**row, "text": text, **{k: row.get(k) or v for k, v in defaults.items()}})
-    missing = [i for i, r in enumerate(rows) if not r.get("_blank") and not (r["src_lang"] and r["tgt_lang"])]
-    if missing:
-        raise AdapterError(f"row {missing[0] + 1} has no language pair: give --src and --tgt, or src_lang / "
-                           "tgt_lang in each JSONL row")
-    return rows
-
-
-def route_rows(rows: list[dict[str, Any]], candidates: list[tuple[str, dict[str, Any]]],
-               forced: str | None) -> list[str | None]:
-    """The adapter of every row: forced, named by the row, or matched by routing keys (as the service does)."""
-    names = {name for name, _ in candidates}
-    routes: list[str | None] = []
-    for i, row in enumerate(rows):
-        if row.get("_blank"):
-            routes.append(None)
-            continue
-        name = forced or row.get("adapter") or match_adapter(candidates, row["src_lang"], row["tgt_lang"],
-                                                             row.get("domain"))
-        if name is None:
-            pairs = sorted({f"{m.get('src_lang')}→{m.get('tgt_lang')}" + (f" ({m['domain']})" if m.get("domain")
-                                                                          else "") for _, m in candidates})
-            raise AdapterError(f"row {i + 1}: no adapter translates {row['src_lang']}→{row['tgt_lang']}"
-                               + (f" (domain {row['domain']!r})" if row.get("domain") else "")
-                               + f"; adapters serve: {', '.join(pairs) or 'nothing'}")
-        if name not in names:
-            raise AdapterError(f"row {i + 1}: no adapter named {name!r}; known: {sorted(names)}")
-        routes.append(name)
-    return routes
+from adaptkit.tasks.corpus_translate import translate_file
+from adaptkit.tasks.filerows import LineTranslator, ModelSpec, RowSettings
 
 
 def translate_command(args: argparse.Namespace) -> int:
     if bool(args.store) == bool(args.adapter):
         print("error: give --store DIR or --adapter FILE (one of them)", file=sys.stderr)
         return 2
-    jsonl = args.format == "jsonl" or (args.format is None and str(args.input).endswith(".jsonl"))
-    defaults = {"src_lang": args.src, "tgt_lang": args.tgt, "domain": args.domain}
+    if args.input_file and args.input not in (None, args.input_file):
+        print("error: give the input once (positional or --input)", file=sys.stderr)
+        return 2
+    source = args.input_file or args.input or "-"
+    jsonl = args.format == "jsonl" or (args.format is None and str(source).endswith(".jsonl"))
+    if args.workers > 1 and (source == "-" or not args.out):
+        print("error: --workers needs an input file and --output FILE (shards are resumed from beside the output)",
+              file=sys.stderr)
+        return 2
+    if args.launcher == "accelerate" and args.workers > 1 and "WORLD_SIZE" not in os.environ:
+        return _accelerate_launch(args, source)
     try:
-        if args.input == "-":
-            rows = read_rows(sys.stdin, jsonl, defaults)
+        spec = ModelSpec(args.backbone or _backbone_of(args), store=args.store, adapter_files=tuple(args.adapter or ()),
+                         dtype=args.dtype, device=args.device, max_resident=args.max_resident)
+        settings = RowSettings(format="jsonl" if jsonl else "text", src_lang=args.src, tgt_lang=args.tgt,
+                               domain=args.domain, use=args.use, num_beams=args.num_beams,
+                               max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        if source != "-" and args.out:
+            report = translate_file(source, args.out, spec, settings, workers=args.workers, launcher=args.launcher,
+                                    shard_lines=args.shard_lines, restart=args.restart, keep_shards=args.keep_shards,
+                                    progress=not args.quiet, threads=args.threads)
+            if int(os.environ.get("RANK", "0")) == 0:
+                earlier = f", {report.skipped} of them done by an earlier run" if report.skipped else ""
+                print(f"translated {report.lines} lines in {report.shards} shards{earlier} -> {report.output}",
+                      file=sys.stderr)
+            return 0
+        if source == "-":
+            lines = sys.stdin.read().split("\n")
         else:
-            with open(args.input, encoding="utf-8") as handle:
-                rows = read_rows(handle, jsonl, defaults)
-        backbone = args.backbone or _backbone_of(args)
-        model = AdaptedModel.from_pretrained(backbone, store=args.store, max_resident=args.max_resident,
-                                             dtype=args.dtype, device=args.device)
-        if args.store:
-            catalog = AdapterCatalog(model.store)
-            catalog.refresh()
-            candidates = [(e.name, e.info) for e in catalog.entries() if e.info is not None]
-        else:
-            loaded = [model.load_adapter(path) for path in args.adapter]
-            candidates = [(name, model.adapter_metadata(name)) for name in loaded]
-        forced = args.use or (candidates[0][0] if args.adapter and len(args.adapter) == 1 else None)
-        routes = route_rows(rows, candidates, forced)
+            with open(source, encoding="utf-8", newline="") as handle:
+                lines = handle.read().split("\n")
+        trailing = lines[-1] == ""
+        if trailing:
+            lines.pop()
+        worker = LineTranslator(spec, settings, threads=args.threads)
+        translated = worker.translate_lines(lines, progress=not args.quiet)
     except (AdapterError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    todo = [i for i, row in enumerate(rows) if not row.get("_blank")]
-    todo.sort(key=lambda i: routes[i] or "")  # one adapter's rows together: fewer loads when few are resident
-    translator = Translator(model, batch_size=args.batch_size)
-    outputs = translator.translate([rows[i]["text"] for i in todo], [rows[i]["src_lang"] for i in todo],
-                                   [rows[i]["tgt_lang"] for i in todo], adapter=[routes[i] for i in todo],
-                                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                                   progress=not args.quiet)
-    translations = [""] * len(rows)
-    for i, text in zip(todo, outputs):
-        translations[i] = text
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout  # noqa: SIM115 — closed below
-    try:
-        for row, route, text in zip(rows, routes, translations):
-            if jsonl:
-                record = {k: v for k, v in row.items() if not k.startswith("_")}
-                out.write(json.dumps({**record, "translation": text, "adapter": route}, ensure_ascii=False) + "\n")
-            else:
-                out.write(text.replace("\n", " ") + "\n")
-    finally:
-        if args.out:
-            out.close()
+    text = "\n".join(translated) + ("\n" if trailing and translated else "")
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
     return 0
+
+
+def _accelerate_launch(args: argparse.Namespace, source: str) -> int:
+    """Run this same command under `accelerate launch` with --workers processes (one per GPU where there are
+    GPUs; on CPUs torchrun starts them, hence --multi_gpu), each taking its share of the shards."""
+    with socket.socket() as probe:  # a free port: another run's rendezvous may hold accelerate's default one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+               str(args.workers), "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+               "--dynamo_backend", "no", "-m", "adaptkit.cli.translate", "--input", source, *_forwarded(args)]
+    return subprocess.run(command).returncode
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    """The flags of this run, for the processes `accelerate launch` starts."""
+    out: list[str] = []
+    for flag in ("store", "use", "backbone", "src", "tgt", "domain", "format", "out", "batch_size", "num_beams",
+                 "max_new_tokens", "max_resident", "dtype", "device", "shard_lines", "launcher", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            out += [f"--{flag.replace('_', '-')}", str(value)]
+    for path in args.adapter or ():
+        out += ["--adapter", str(path)]
+    for flag in ("quiet", "restart", "keep_shards"):
+        if getattr(args, flag):
+            out.append(f"--{flag.replace('_', '-')}")
+    return out
 
 
 def _backbone_of(args: argparse.Namespace) -> str:
@@ -143,7 +129,8 @@ def _backbone_of(args: argparse.Namespace) -> str:
 def add_translate_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("translate", help="translate a text or JSONL file with a store's adapters",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("input", nargs="?", default="-", help="text (one per line) or .jsonl file; '-' is stdin")
+    parser.add_argument("input", nargs="?", default=None, help="text (one per line) or .jsonl file; '-' is stdin")
+    parser.add_argument("--input", dest="input_file", metavar="FILE", help="the input, as a flag")
     parser.add_argument("--store", help="adapter store: rows routed by their language pair and domain")
     parser.add_argument("--adapter", nargs="+", action="extend", metavar="FILE",
                         help="adapter file(s); one: every row uses it; several: routed like a store")
@@ -153,7 +140,7 @@ def add_translate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--tgt", help="target language code (JSONL rows may give tgt_lang)")
     parser.add_argument("--domain", help="domain, e.g. software (JSONL rows may give domain)")
     parser.add_argument("--format", choices=["text", "jsonl"], help="default: jsonl for *.jsonl, else text")
-    parser.add_argument("--out", help="output file (default: stdout)")
+    parser.add_argument("--out", "--output", dest="out", help="output file (default: stdout)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -161,6 +148,16 @@ def add_translate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parallel = parser.add_argument_group("file to file: shards, workers, resume")
+    parallel.add_argument("--workers", type=int, default=1, help="workers, each with its own backbone and adapters")
+    parallel.add_argument("--launcher", choices=["processes", "accelerate", "ray"], default="processes",
+                          help="processes: spawned here; accelerate: `accelerate launch`; ray: Ray Data actors "
+                               "(pip install adaptkit[ray]; RAY_ADDRESS joins a cluster)")
+    parallel.add_argument("--threads", type=int, help="torch threads per worker (default: the CPUs shared out)")
+    parallel.add_argument("--shard-lines", type=int, default=1000, help="lines per shard (the unit of resuming)")
+    parallel.add_argument("--restart", action="store_true",
+                          help="discard the shards of an earlier run of another input or other settings")
+    parallel.add_argument("--keep-shards", action="store_true", help="keep OUTPUT.shards/ after the merge")
     parser.set_defaults(func=translate_command)
 
 

@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from adaptkit.core.errors import AdapterError
@@ -37,6 +38,11 @@ _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 def write_atomic(target: Path, payload: bytes | memoryview) -> None:
     """Write `payload` to `target` atomically (see the module docstring)."""
+    write_atomic_chunks(target, (payload,))
+
+
+def write_atomic_chunks(target: Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """`write_atomic` for a payload too large to hold at once: the chunks are written in order."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         mode = _existing_mode(target)
@@ -45,9 +51,10 @@ def write_atomic(target: Path, payload: bytes | memoryview) -> None:
         try:
             if mode is not None and hasattr(os, "fchmod"):
                 os.fchmod(fd, mode)
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view):]
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
             os.replace(tmp, target)
         except BaseException:
