@@ -24,6 +24,7 @@ from adaptkit.core.arch import Arch
 from adaptkit.core.backbone import check_backbone as check_backbone_fn
 from adaptkit.core.backbone import fingerprint, freeze, load_pretrained
 from adaptkit.core.errors import AdapterError
+from adaptkit.core.quantize import quantize_backbone
 from adaptkit.core.registry import adapter_class_for
 from adaptkit.core.routing import AdapterSpec, Routing, current_routing, routing_scope
 from adaptkit.core.safebuild import build_from_file
@@ -56,9 +57,13 @@ class AdaptedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any = None, backbone_id: str | None = None,
-                 store: str | Path | None = None, max_resident: int | None = None):
+                 store: str | Path | None = None, max_resident: int | None = None, quantize: str | None = None):
         super().__init__()
         freeze(model)
+        # The fingerprint is taken from the weights as loaded, before quantising: a file trained on the
+        # float backbone loads on the quantised one and back; the quantisation is recorded beside it.
+        backbone_fingerprint = fingerprint(model)
+        self.quantization = quantize_backbone(model, quantize) if quantize is not None else None
         self.model = model
         self.tokenizer = tokenizer
         self.backbone_id = backbone_id or getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -77,14 +82,17 @@ class AdaptedModel(nn.Module):
         self._removing: set[str] = set()  # names whose removal waits for their calls; new calls wait for it
         self._lock = threading.RLock()
         self._released = threading.Condition(self._lock)  # notified when pins drop or a removal ends
-        self._backbone_fingerprint = fingerprint(model)
+        self._backbone_fingerprint = backbone_fingerprint
         self.eval()
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | str | None = None,
-                        device: str | torch.device | None = None, **kwargs: Any) -> AdaptedModel:
+                        device: str | torch.device | None = None, quantize: str | None = None,
+                        **kwargs: Any) -> AdaptedModel:
+        """`quantize`: "int8" (CPU: torchao weight-only; CUDA: bitsandbytes) or "nf4" (CUDA) for the
+        frozen Linear layers (core/quantize.py); adapters stay in full precision."""
         model, tokenizer, backbone_id = load_pretrained(name_or_path, dtype=dtype, device=device)
-        return cls(model, tokenizer, backbone_id, **kwargs)
+        return cls(model, tokenizer, backbone_id, quantize=quantize, **kwargs)
 
     def require_tokenizer(self, purpose: str) -> Any:
         """The tokenizer, or an AdapterError saying that `purpose` needs one and how to give it."""
@@ -219,7 +227,7 @@ class AdaptedModel(nn.Module):
         write_adapter_file(path, adapter.file_tensors(), {
             "method": adapter.method,
             "config": config.to_json(),
-            "backbone": {"id": self.backbone_id, **self._backbone_fingerprint},
+            "backbone": self.backbone_record(),
             "name": name,
             "metrics": metrics,
             "training": training,
@@ -227,6 +235,15 @@ class AdaptedModel(nn.Module):
             **metadata,
         })
         return path
+
+    def backbone_record(self) -> dict[str, Any]:
+        """What an adapter file says of its backbone: id, fingerprint (of the weights as loaded) and, on a
+        quantised backbone, the quantisation. Loading compares the fingerprint only, so files move freely
+        between the float and the quantised backbone; the record says which one trained them."""
+        record = {"id": self.backbone_id, **self._backbone_fingerprint}
+        if self.quantization is not None:
+            record["quantization"] = dict(self.quantization)
+        return record
 
     def load_adapter(self, path: str | Path, name: str | None = None, *, check_backbone: bool = True,
                      verify: bool = True) -> str:
@@ -405,6 +422,13 @@ class AdaptedModel(nn.Module):
         with self._lock:
             if self._merged is not None:
                 raise AdapterError(f"{self._merged!r} is already merged; unmerge_adapter() first")
+            if self.quantization is not None:
+                raise AdapterError(
+                    f"cannot merge {name!r}: this backbone's Linear weights are quantised "
+                    f"({self.quantization['scheme']}, {self.quantization['library']}), and adding the update would "
+                    "mean dequantise, add, requantise, moving every weight by up to a rounding step, so unmerge "
+                    "could not restore them. Keep the adapter unmerged (it runs in full precision beside the "
+                    "quantised weights), or load the backbone without quantize= to merge")
             self.get_adapter(name).merge()
             self._merged = name
 
@@ -447,5 +471,8 @@ def _check_name(name: str) -> None:
 
 
 def load(name_or_path: str | Path, **kwargs: Any) -> AdaptedModel:
-    """Load a backbone (zoo name, local directory or Hub id), frozen, ready for adapters."""
+    """Load a backbone (zoo name, local directory or Hub id), frozen, ready for adapters.
+
+    >>> ak.load("gemma3-270m", quantize="int8")   # Linear weights in int8 (torchao), adapters float32
+    """
     return AdaptedModel.from_pretrained(name_or_path, **kwargs)

@@ -1,0 +1,138 @@
+"""Quantised backbones: the frozen Linear weights stored in 8 (or 4) bits, adapters in full precision.
+
+        x ──► W_q (int8, frozen; dequantised in the matmul) ──┐
+        │                                                     + ──► y   (the adapter's hook, unchanged)
+        └──► adapter (float32, trainable) ────────────────────┘
+
+`quantize="int8"` on CPU uses torchao's weight-only int8 (`Int8WeightOnlyConfig` through
+`quantize_`): one scale per output row, the module stays an `nn.Linear` (only its weight becomes
+a tensor subclass), so every forward hook and the role map see the same modules as before, and
+gradients reach the input through the frozen weights: adapters below a quantised projection
+train (the QLoRA recipe). Chosen by measurement on this CPU (benchmarks/quantized.py, "library
+choice"): torchao's dynamic int8 activations and `torch.ao` dynamic quantisation pass no gradient
+to the input; optimum-quanto's int8 weights train too but ran forward+backward ~1.6x slower here.
+
+On CUDA, `"int8"` (LLM.int8) and `"nf4"` (4-bit NormalFloat) go through bitsandbytes, whose
+Linear8bitLt / Linear4bit replace each nn.Linear before the role map is read.
+
+The output projection (the LM head, often tied to the input embeddings) stays in full precision,
+as bitsandbytes' own default does: quantising a tied head would add an int8 copy beside the
+embedding it shares, not save memory. Nothing else of the backbone changes.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from torch import nn
+
+from adaptkit.core.errors import AdapterError
+
+SCHEMES = {"cpu": ("int8",), "cuda": ("int8", "nf4")}
+
+
+def quantize_backbone(model: nn.Module, scheme: str) -> dict[str, Any]:
+    """Quantise `model`'s Linear layers in place on the device it sits on; returns what was done
+    (scheme, library and version, modules quantised), the record adapter files carry."""
+    device = _device_of(model)
+    supported = SCHEMES.get(device.type, ())
+    if scheme not in SCHEMES["cuda"]:
+        raise AdapterError(f"quantize={scheme!r} is not a quantisation adaptkit knows; use quantize='int8' "
+                           "(CPU: torchao; CUDA: bitsandbytes), quantize='nf4' (CUDA only), or leave it None "
+                           "(and pass dtype=torch.bfloat16 for a half-size float backbone)")
+    if scheme not in supported:
+        raise AdapterError(f"quantize={scheme!r} needs a CUDA device (bitsandbytes), and this backbone is on "
+                           f"{device.type}; supported here: {', '.join(repr(s) for s in supported) or 'none'}. "
+                           "Load with device='cuda', or use quantize='int8' on CPU")
+    skip = {id(m) for m in _output_projections(model)}
+    targets = [(name, module) for name, module in model.named_modules()
+               if type(module) is nn.Linear and id(module) not in skip]
+    if not targets:
+        raise AdapterError(f"this {type(model).__name__} has no nn.Linear layer to quantise besides its output "
+                           "projection (GPT-2 style Conv1D projections are not quantised); load it without quantize=")
+    if device.type == "cuda":
+        record = _bitsandbytes(model, targets, scheme, device)
+    else:
+        record = _torchao_int8(model, {id(m) for _, m in targets})
+    return {**record, "scheme": scheme, "modules": len(targets)}
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _output_projections(model: nn.Module) -> list[nn.Module]:
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    return [head] if isinstance(head, nn.Module) else []
+
+
+def _library_version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:  # a source checkout without metadata still quantises
+        return "unknown"
+
+
+def _torchao_int8(model: nn.Module, chosen: set[int]) -> dict[str, Any]:
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise AdapterError("quantize='int8' on CPU needs torchao: pip install 'adaptkit[quant]' "
+                           "(or pip install torchao)") from None
+    # in place: the modules stay the same objects (hooks and the role map keep pointing at them)
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, _name: id(module) in chosen)
+    return {"library": "torchao", "version": _library_version("torchao"), "method": "int8 weight-only"}
+
+
+def _bitsandbytes(model: nn.Module, targets: list[tuple[str, nn.Module]], scheme: str,
+                  device: torch.device) -> dict[str, Any]:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise AdapterError(f"quantize={scheme!r} on CUDA needs bitsandbytes: pip install bitsandbytes") from None
+    compute = next(model.parameters()).dtype
+    for name, old in targets:
+        weight = old.weight.data.cpu()  # bitsandbytes quantises a parameter as it moves from the CPU to the GPU
+        if scheme == "nf4":  # the QLoRA recipe: NF4 storage, matmuls in the backbone's float dtype
+            new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
+                                    compute_dtype=compute, quant_type="nf4", device="meta")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        else:
+            new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0, device="meta")
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if old.bias is not None:
+            new.bias = nn.Parameter(old.bias.data, requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new.to(device))
+    method = "nf4 (4-bit NormalFloat)" if scheme == "nf4" else "LLM.int8"
+    return {"library": "bitsandbytes", "version": _library_version("bitsandbytes"), "method": method}
+
+
+def storage_bytes(model: nn.Module) -> int:
+    """Bytes the backbone's parameters and buffers hold, counting a quantised weight's inner tensors
+    (int8 data and scales) rather than the float size it reports; shared tensors counted once."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def add(tensor: torch.Tensor) -> None:
+        nonlocal total
+        flatten = getattr(type(tensor), "__tensor_flatten__", None)
+        if flatten is not None and type(tensor) not in (torch.Tensor, nn.Parameter):
+            names, _ = tensor.__tensor_flatten__()
+            for inner in names:
+                add(getattr(tensor, inner))
+            return
+        storage = tensor.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+
+    for tensor in [*model.parameters(), *model.buffers()]:
+        add(tensor)
+    return total
