@@ -181,3 +181,9 @@ def test_missing_torchao_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # import fails as if not installed
     with pytest.raises(ak.AdapterError, match=r"needs torchao: pip install 'adaptkit\[quant\]'"):
         quantize_backbone(tiny_model("llama"), "int8")
+
+
+def test_full_finetuning_over_a_quantised_backbone_is_refused(tmp_path):
+    model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"), quantize="int8")
+    with pytest.raises(ak.AdapterError, match=r"full fine-tuning updates the backbone's weights.*quantised \(int8\)"):
+        ak.train(model, None, pairs(8, 0), None, full=True, max_steps=1, output_dir=str(tmp_path), **FAST)

@@ -173,6 +173,10 @@ class Recipe:
         if not isinstance(model, AdaptedModel):
             model = AdaptedModel.from_pretrained(model or cfg.backbone)
         model.require_tokenizer("training")
+        if cfg.full and model.quantization is not None:
+            raise AdapterError(f"full fine-tuning updates the backbone's weights, and this backbone's Linear weights "
+                               f"are quantised ({model.quantization['scheme']}): load it without quantize= for "
+                               "full=True, or train an adapter over the quantised backbone")
         if cfg.task == "classify":
             C.check_encoder(model)
         elif model.family not in ("seq2seq", "decoder"):
