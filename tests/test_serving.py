@@ -58,8 +58,9 @@ def words(rng: random.Random) -> str:
     return " ".join(f"a{rng.randrange(30)}" for _ in range(rng.randint(2, 6)))
 
 
-def build_store(root: Path) -> tuple[Path, Path, ak.AdaptedModel]:
-    """A saved tiny backbone, a store of 8 adapters with random weights, and a reference model over both."""
+def build_store(root: Path, names: list[str] = NAMES, configs: list = CONFIGS) -> tuple[Path, Path, ak.AdaptedModel]:
+    """A saved tiny backbone, a store of adapters with random weights (en→de, domain d<i>), and a reference
+    model over both."""
     backbone = root / "backbone"
     model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
     model.model.save_pretrained(backbone)
@@ -67,7 +68,7 @@ def build_store(root: Path) -> tuple[Path, Path, ak.AdaptedModel]:
     store = root / "store"
     reference = ak.load(backbone, store=store)
     generator = torch.Generator().manual_seed(11)
-    for i, (name, config) in enumerate(zip(NAMES, CONFIGS)):
+    for i, (name, config) in enumerate(zip(names, configs)):
         reference.add_adapter(name, config)
         with torch.no_grad():
             for p in reference.adapter_parameters(name):
@@ -106,6 +107,25 @@ def _labels(labels: dict[str, str]) -> str:
     return "{" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) + "}" if labels else ""
 
 
+def start_server(command: list[str], log: Path, ready_url: str, within_s: float = 300) -> subprocess.Popen:
+    """`command` in its own process (output to `log`), once `ready_url` answers 200."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + within_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(ready_url, timeout=5).status_code == 200:
+                return process
+        if time.monotonic() > deadline:
+            process.terminate()
+            process.wait(60)
+            raise RuntimeError(f"the server was not ready in {within_s} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def service(tmp_path_factory) -> Service:
     root = tmp_path_factory.mktemp("serving")
@@ -118,21 +138,8 @@ def service(tmp_path_factory) -> Service:
                "--port", str(port), "--max-resident", str(MAX_RESIDENT), "--max-batch", "16", "--max-wait-ms", "30",
                "--api-key-file", str(keys), "--max-texts", str(MAX_TEXTS), "--max-text-chars", str(MAX_TEXT_CHARS),
                "--max-body-bytes", str(MAX_BODY), "--log-level", "warning"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the server did not start in 300 s:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    process = start_server(command, log, url + "/healthz")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the references are tiny: more threads only contend with the server on a busy box
     yield Service(url, store, reference, backbone, log)
@@ -142,6 +149,16 @@ def service(tmp_path_factory) -> Service:
         process.wait(30)
     except subprocess.TimeoutExpired:
         process.kill()
+
+
+def send_concurrently(url: str, bodies: list[dict], headers: dict[str, str] | None = None) -> list[httpx.Response]:
+    """Every body POSTed to /v1/translate at once, one connection each."""
+    async def send_all() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=url, headers=headers or {}, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(client.post("/v1/translate", json=body) for body in bodies))
+
+    return asyncio.run(send_all())
 
 
 def assert_error(response: httpx.Response, status: int, code: str, limit: str | None = None) -> dict:
@@ -179,13 +196,7 @@ def test_concurrent_requests_over_eight_adapters_equal_each_served_alone(service
             body["num_beams"] = 2  # other generation settings: a batch of their own
         requests.append((body, NAMES[i]))
 
-    async def send_all() -> list[httpx.Response]:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=service.url, headers=service.headers, timeout=300,
-                                     limits=limits) as client:
-            return await asyncio.gather(*(client.post("/v1/translate", json=body) for body, _ in requests))
-
-    responses = asyncio.run(send_all())
+    responses = send_concurrently(service.url, [body for body, _ in requests], service.headers)
     outputs = set()
     for (body, name), response in zip(requests, responses):
         assert response.status_code == 200, response.text

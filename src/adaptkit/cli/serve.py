@@ -3,14 +3,21 @@
     adaptkit serve --store adapters/ --adapter runs/demo/*/*.safetensors     # gemma3-270m, demo adapters
     adaptkit serve --backbone gemma3-270m --store adapters/ --max-resident 8 --api-key-file keys.txt
 
+    adaptkit serve --ray --replicas 2 --adapters-per-replica 4 --store /shared/adapters   # Ray Serve
+    adaptkit serve --ray --address auto --store s3://bucket/adapters ...     # on a cluster (ray start --head)
+
 `--adapter FILE` copies adapter files into the store at start-up (checked like an upload, under the
-name in their header). Needs the `serve` extra: pip install 'adaptkit[serve]'.
+name in their header). Needs the `serve` extra: pip install 'adaptkit[serve]' (with --ray: 'adaptkit[ray]').
+With --ray the same HTTP API runs as a Ray Serve application: replicas of the backbone, each holding
+at most --adapters-per-replica adapters, requests sent to a replica that holds theirs.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from adaptkit.cli import main as adaptkit_main
@@ -18,10 +25,14 @@ from adaptkit.cli.flags import add_dataclass_flags, given
 from adaptkit.core.bank import load
 from adaptkit.core.errors import AdapterError
 from adaptkit.serving.catalog import AdapterCatalog
+from adaptkit.serving.ray.options import RayOptions
 from adaptkit.serving.settings import ServeSettings, load_api_keys
+from adaptkit.serving.sharedstore import is_remote
 
 
 def serve_command(args: argparse.Namespace) -> int:
+    if args.ray:
+        return serve_on_ray(args)
     try:
         import uvicorn
 
@@ -50,6 +61,58 @@ def serve_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_on_ray(args: argparse.Namespace) -> int:
+    """The service as a Ray Serve application, on a Ray instance started here or on the cluster at --address;
+    it runs until Ctrl-C / SIGTERM, then the application is deleted (and a Ray instance started here stops)."""
+    try:
+        import ray
+        from ray import serve
+
+        from adaptkit.serving.ray.deployment import build_app
+    except ModuleNotFoundError as error:
+        print(f"error: {error.name} is missing; install Ray Serve: pip install 'adaptkit[ray]'", file=sys.stderr)
+        return 2
+    for flag, value in (("--adapter", args.adapter), ("--max-resident", args.max_resident)):
+        if value:
+            print(f"error: {flag} does not apply with --ray: " + ("copy the files into the store, which every "
+                  "replica reads" if flag == "--adapter" else "use --adapters-per-replica"), file=sys.stderr)
+            return 2
+    try:
+        keys = load_api_keys(args.api_key_file) if args.api_key_file else ()
+        settings = ServeSettings(**given(args, ServeSettings))
+        options = RayOptions(**given(args, RayOptions))
+    except (AdapterError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # Replicas run in other working directories (other machines, even): paths must be absolute.
+    store = args.store if is_remote(args.store) else str(Path(args.store).resolve())
+    backbone = str(Path(args.backbone).resolve()) if Path(args.backbone).exists() else args.backbone
+    started_here = args.address is None
+    ray.init(address=args.address, num_cpus=args.ray_num_cpus if started_here else None,
+             include_dashboard=False if started_here else None, logging_level=args.log_level.upper(),
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(backbone, store, options=options, settings=settings, api_keys=keys, dtype=args.dtype,
+                            device=args.device), name="adaptkit", route_prefix="/",
+                  logging_config={"log_level": args.log_level.upper()})
+        print(f"serving on http://{args.host}:{args.port} (Ray Serve: {options.replicas} replicas, at most "
+              f"{options.adapters_per_replica} adapters each; store {store})", file=sys.stderr, flush=True)
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if started_here:
+            serve.shutdown()
+        else:  # a shared cluster: take only this application away
+            serve.delete("adaptkit")
+        ray.shutdown()
+    return 0
+
+
 def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="HTTP service: translations from many adapters, batched together",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,6 +131,14 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     limits = parser.add_argument_group("batching and limits")
     add_dataclass_flags(limits, ServeSettings)
+    on_ray = parser.add_argument_group("Ray Serve (--ray)")
+    on_ray.add_argument("--ray", action="store_true", help="run as a Ray Serve application: replicas of the "
+                        "backbone, adapters multiplexed across them (needs 'adaptkit[ray]')")
+    on_ray.add_argument("--address", default=None, help="the Ray cluster to deploy on ('auto', or the address "
+                        "`ray start --head` printed); default: start a Ray instance here")
+    on_ray.add_argument("--ray-num-cpus", type=float, default=None,
+                        help="CPUs of the Ray instance started here (default: all of this machine's)")
+    add_dataclass_flags(on_ray, RayOptions)
     parser.set_defaults(func=serve_command)
 
 
