@@ -48,8 +48,9 @@ def build_app(backbone: str, store: str, *, options: RayOptions | None = None, s
         async def adapter(self, name: str) -> Resident:
             return await self.core.load(name)
 
-        async def run(self, key: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-            return await self.core.run(serve.get_multiplexed_model_id(), self.adapter, key, rows)
+        async def run(self, key: dict[str, Any], rows: list[dict[str, Any]], adapter: str = "") -> dict[str, Any]:
+            # the adapter comes as the multiplexed model id; as an argument only when routing ignores it
+            return await self.core.run(serve.get_multiplexed_model_id() or adapter, self.adapter, key, rows)
 
         async def ready(self) -> dict[str, Any]:
             model = self.core.model
@@ -62,7 +63,8 @@ def build_app(backbone: str, store: str, *, options: RayOptions | None = None, s
 
     def ingress_app() -> Any:  # runs in the ingress replica, so nothing of the app is pickled
         return create_ingress_app(store, settings, lambda: serve.get_deployment_handle(REPLICA),
-                                  adapters_per_replica=options.adapters_per_replica, api_keys=api_keys)
+                                  adapters_per_replica=options.adapters_per_replica, api_keys=api_keys,
+                                  route_by_adapter=options.route_by_adapter)
 
     class AdapterIngress:
         def __init__(self, replicas: Any) -> None:

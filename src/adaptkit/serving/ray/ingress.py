@@ -63,8 +63,10 @@ class ReplicaLedger:
 
 
 def create_ingress_app(store: str, settings: ServeSettings, replicas: Callable[[], Any], *,
-                       adapters_per_replica: int, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The ingress app; `replicas()` gives the replica deployment's handle (looked up once, at first use)."""
+                       adapters_per_replica: int, api_keys: Sequence[str] = (),
+                       route_by_adapter: bool = True) -> FastAPI:
+    """The ingress app; `replicas()` gives the replica deployment's handle (looked up once, at first use).
+    `route_by_adapter=False` sends rows to any replica, with the adapter's name in the call instead."""
     shared = SharedStore(store)
     catalog = SharedCatalog(shared)
     metrics = ServeMetrics()
@@ -99,7 +101,10 @@ def create_ingress_app(store: str, settings: ServeSettings, replicas: Callable[[
         for name, indices in groups.items():
             rows = [{"text": texts[i], "src_lang": srcs[i] if srcs else None, "tgt_lang": tgts[i] if tgts else None,
                      "task": tasks[i] if tasks else None} for i in indices]
-            calls[name] = runner.options(multiplexed_model_id=name).run.remote(asdict(key), rows)
+            if route_by_adapter:
+                calls[name] = runner.options(multiplexed_model_id=name).run.remote(asdict(key), rows)
+            else:
+                calls[name] = runner.run.remote(asdict(key), rows, name)
         accepted()
         answers = await _gather(request, calls)
         outputs: list[str] = [""] * len(texts)

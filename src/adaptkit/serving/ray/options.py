@@ -21,6 +21,9 @@ class RayOptions:
     max_ongoing_requests: int = field(default=64, metadata={
         "help": "requests one replica takes at once (more wait in Ray's router); their rows batch together"})
     ingress_cpus: float = field(default=0.25, metadata={"help": "CPUs Ray reserves for the ingress"})
+    route_by_adapter: bool = field(default=True, metadata={
+        "help": "send each adapter's rows to a replica that holds it (Ray's multiplexed routing); off: to any "
+                "replica, which then loads it (for comparison)"})
 
     def __post_init__(self) -> None:
         if self.replicas < 1 or self.adapters_per_replica < 1 or self.max_ongoing_requests < 1:
