@@ -131,8 +131,13 @@ def _run(model: AdaptedModel, name: str, info: dict[str, Any], texts: Sequence[s
         if _finished(path, lines):
             reused += 1
         else:
-            sources = translator.translate(list(lines), reverse_src, reverse_tgt, adapter=name, num_beams=num_beams,
-                                           max_new_tokens=max_new_tokens)
+            # Batches of similar length: less padding, and a batch is not held up by one long line.
+            order = sorted(range(len(lines)), key=lambda i: (len(lines[i]), i))
+            ordered = translator.translate([lines[i] for i in order], reverse_src, reverse_tgt, adapter=name,
+                                           num_beams=num_beams, max_new_tokens=max_new_tokens)
+            sources = [""] * len(lines)
+            for i, text in zip(order, ordered):
+                sources[i] = text
             rows = [{"src": src, "tgt": tgt, **row_base, "ref": str(start + i), "synthetic": True}
                     for i, (src, tgt) in enumerate(zip(sources, lines))]
             write_atomic(path, _jsonl(rows))
