@@ -1,6 +1,7 @@
 """Quantised backbones under adapters: float32 vs int8 (vs bfloat16) on gemma3-270m, per adapter family.
 
-    flock /tmp/realrun.lock python benchmarks/quantized.py                 # gemma3-270m, 200 test sentences
+    python benchmarks/quantized.py --library-only       # part 1 alone (no real weights: no lock needed)
+    flock /tmp/realrun.lock python benchmarks/quantized.py   # gemma3-270m (part 1 reused if already in the JSON)
     python benchmarks/quantized.py --render benchmarks/results/quantized.json   # redraw the .md
 
 What it measures, in one process (ratios within one run: the box is shared):
@@ -16,9 +17,10 @@ What it measures, in one process (ratios within one run: the box is shared):
 3. Backbone memory: bytes the parameters hold (a quantised weight counted by its int8 data and scales),
    and the share in the Linear layers that int8 touches (gemma3-270m's 262k-row embedding, ~63% of its
    parameters, stays as it is — and is tied to the output head, which also stays).
-4. chrF of each family on `--sentences` test sentences (the shipped test split, greedy, at most
-   `--max-new-tokens`), int8 against float32 with a paired bootstrap interval of the difference; the
-   generation's wall and CPU seconds per sentence.
+4. chrF of each family on the shipped test split (greedy, at most `--max-new-tokens`): LoRA on
+   `--sentences` (200, the whole split), the other families on the first `--family-sentences` (64: a
+   2-core CPU generates ~1 sentence a second), int8 against float32 with a paired bootstrap interval
+   of the difference; the generation's wall and CPU seconds per sentence.
 5. Decode latency: one batch of 8 prompts, exactly 32 new tokens, bare and with LoRA, float32 / int8 /
    bfloat16 interleaved over rounds (bfloat16 only where the CPU has avx512_bf16 or AMX).
 6. Adapter training over the int8 backbone (QLoRA-style): a LoRA trained `--steps` steps there, its dev
@@ -191,17 +193,19 @@ def train_adapters(backbone: str, work: Path, steps: int) -> dict[str, Any]:
     return out
 
 
-def translate_all(model: ak.AdaptedModel, work: Path, rows: list[dict], max_new_tokens: int) -> dict[str, Any]:
+def translate_all(model: ak.AdaptedModel, work: Path, rows: dict[str, list[dict]],
+                  max_new_tokens: int) -> dict[str, Any]:
     translator = Translator(model, batch_size=16)
     out = {}
     for family in FAMILIES:
         if family not in model.adapters:
             model.load_adapter(work / "adapters" / f"{family}.safetensors", family)
         wall, cpu = time.perf_counter(), time.process_time()
-        hyps = translator.translate([r["src"] for r in rows], "en", "de", adapter=family, num_beams=1,
+        hyps = translator.translate([r["src"] for r in rows[family]], "en", "de", adapter=family, num_beams=1,
                                     max_new_tokens=max_new_tokens)
-        out[family] = {"hypotheses": hyps, "wall_seconds_per_sentence": (time.perf_counter() - wall) / len(rows),
-                       "cpu_seconds_per_sentence": (time.process_time() - cpu) / len(rows)}
+        n = len(rows[family])
+        out[family] = {"hypotheses": hyps, "wall_seconds_per_sentence": (time.perf_counter() - wall) / n,
+                       "cpu_seconds_per_sentence": (time.process_time() - cpu) / n}
         print(f"  {family}: {out[family]['wall_seconds_per_sentence']:.2f} s/sentence", flush=True)
     return out
 
@@ -252,20 +256,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work)
     result: dict[str, Any] = {
         "command": " ".join(sys.argv), "backbone": args.backbone, "steps": args.steps, "sentences": args.sentences,
+        "family_sentences": args.family_sentences,
         "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(),
         "provenance": {"git": _git_head(), "torch": torch.__version__, "torchao": _version("torchao"),
                        "python": platform.python_version(), "platform": platform.platform(),
                        "bf16_cpu": bf16_supported()},
     }
     save = lambda: _write(result, Path(args.out))  # noqa: E731 — partial results survive a kill
-    print("library choice ...", flush=True)
-    result["library_choice"] = library_choice()
+    earlier = Path(args.out).with_suffix(".json")
+    earlier = json.loads(earlier.read_text()) if earlier.is_file() else {}
+    if "library_choice" in earlier and not args.library_only:  # part 1 needs no real weights: run apart
+        result["library_choice"] = earlier["library_choice"]
+        result["library_choice_provenance"] = earlier.get("library_choice_provenance", earlier.get("provenance"))
+    else:
+        print("library choice ...", flush=True)
+        result["library_choice"] = library_choice()
+        result["library_choice_provenance"] = {**result["provenance"], "command": result["command"]}
+    if args.library_only:
+        save()
+        return result
     save()
     result["training"] = train_adapters(args.backbone, work, args.steps)
     save()
 
-    rows = list(load_sample(SAMPLE, "test"))[: args.sentences]
-    refs = [r["tgt"] for r in rows]
+    test = list(load_sample(SAMPLE, "test"))
+    rows = {f: test[: args.sentences if f == "lora" else args.family_sentences] for f in FAMILIES}
     models: dict[str, ak.AdaptedModel] = {}
     result["memory"], result["translations"] = {}, {}
     variants = {"float32": {}, "int8": {"quantize": "int8"}}
@@ -284,13 +299,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["chrf"] = {}
     for family in FAMILIES:
         fp, q = (result["translations"][v][family]["hypotheses"] for v in ("float32", "int8"))
-        gain = paired_bootstrap(fp, q, refs, "chrf")
+        gain = paired_bootstrap(fp, q, [r["tgt"] for r in rows[family]], "chrf")
         result["chrf"][family] = {"float32": gain.a, "int8": gain.b, "difference": gain.gain, "low": gain.low,
                                   "high": gain.high, "sentences": gain.sentences,
                                   "identical_outputs": sum(a == b for a, b in zip(fp, q)) / len(fp)}
     save()
     print("decode latency ...", flush=True)
-    result["decode_latency"] = decode_latency(models, rows, args.rounds)
+    result["decode_latency"] = decode_latency(models, test, args.rounds)
     save()
     for name in ("float32", "bfloat16"):
         models.pop(name, None)
@@ -317,8 +332,9 @@ def render(r: dict[str, Any]) -> str:
              f"{r['torch_threads']} threads, git {r['provenance']['git']}.", ""]
     lib = r.get("library_choice")
     if lib:
-        s = lib["shape"]
+        s, where = lib["shape"], r.get("library_choice_provenance") or r["provenance"]
         lines += ["## 1. Library choice (CPU time, one thread, median of interleaved rounds)", "",
+                  f"`{where.get('command', r['command'])}` at git {where['git']}.", "",
                   f"{s['blocks']} blocks of Linear {s['d']}→{s['ffn']}→{s['d']}, {s['tokens']} tokens. "
                   "Ratios against float32 (lower is faster); gradient to the input is what training adapters "
                   "over the frozen quantised weights needs.", "",
@@ -345,15 +361,15 @@ def render(r: dict[str, Any]) -> str:
     chrf = r.get("chrf")
     if chrf:
         trans = r["translations"]
-        lines += [f"## 3. chrF per family, {next(iter(chrf.values()))['sentences']} test sentences "
-                  f"({SAMPLE}, greedy, ≤{r['max_new_tokens']} new tokens), adapters trained {r['steps']} steps "
-                  "on the float32 backbone", "",
-                  "| family | float32 | int8 | int8 − float32 (95% paired bootstrap) | identical outputs "
-                  "| s/sentence fp32 → int8 (wall) | CPU s/sentence fp32 → int8 |", "|---|---|---|---|---|---|---|"]
+        lines += [f"## 3. chrF per family on the test split ({SAMPLE}, greedy, ≤{r['max_new_tokens']} new "
+                  f"tokens), adapters trained {r['steps']} steps (batch 8) on the float32 backbone", "",
+                  "| family | sentences | float32 | int8 | int8 − float32 (95% paired bootstrap) | identical outputs "
+                  "| s/sentence fp32 → int8 (wall) | CPU s/sentence fp32 → int8 |", "|---|---|---|---|---|---|---|---|"]
         for family, c in chrf.items():
             f32, i8 = trans["float32"][family], trans["int8"][family]
-            lines.append(f"| {family} | {c['float32']:.1f} | {c['int8']:.1f} | {c['difference']:+.2f} "
-                         f"({c['low']:+.2f} … {c['high']:+.2f}) | {100 * c['identical_outputs']:.0f}% | "
+            lines.append(f"| {family} | {c['sentences']} | {c['float32']:.1f} | {c['int8']:.1f} | "
+                         f"{c['difference']:+.2f} ({c['low']:+.2f} … {c['high']:+.2f}) | "
+                         f"{100 * c['identical_outputs']:.0f}% | "
                          f"{f32['wall_seconds_per_sentence']:.2f} → {i8['wall_seconds_per_sentence']:.2f} | "
                          f"{f32['cpu_seconds_per_sentence']:.2f} → {i8['cpu_seconds_per_sentence']:.2f} |")
         lines.append("")
@@ -395,8 +411,10 @@ def _version(package: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backbone", default="gemma3-270m")
-    parser.add_argument("--steps", type=int, default=16, help="training steps per adapter (batch 8)")
-    parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=12, help="training steps per adapter (batch 8)")
+    parser.add_argument("--sentences", type=int, default=200, help="test sentences for LoRA")
+    parser.add_argument("--family-sentences", type=int, default=64, help="test sentences for the other families")
+    parser.add_argument("--library-only", action="store_true", help="part 1 only (no real weights)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the decode-latency batch")
     parser.add_argument("--work", default="runs/quantized", help="adapters trained here are reused by later runs")
