@@ -34,6 +34,8 @@ from adaptkit.core.errors import AdapterError
 from adaptkit.tasks import corpus_workers
 from adaptkit.tasks.filerows import Candidates, LineTranslator, ModelSpec, RowSettings
 
+__all__ = ["FileJob", "FileReport", "ModelSpec", "ResumeMismatch", "RowSettings", "translate_file"]
+
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 Launcher = Literal["processes", "accelerate", "ray"]
@@ -110,10 +112,18 @@ class FileJob:
         return Path(self.work) / f"{index:06d}.txt"
 
     def done(self) -> list[int]:
-        return [i for i in range(self.plan.num_shards) if self.shard_path(i).is_file()]
+        return [i for i, there in enumerate(self._on_disk()) if there]
 
     def pending(self) -> list[int]:
-        return [i for i in range(self.plan.num_shards) if not self.shard_path(i).is_file()]
+        return [i for i, there in enumerate(self._on_disk()) if not there]
+
+    def _on_disk(self) -> list[bool]:
+        """One directory listing, not a stat per shard: the progress bar asks after every shard."""
+        try:
+            names = {entry.name for entry in os.scandir(self.work)}
+        except FileNotFoundError:
+            names = set()
+        return [self.shard_path(i).name in names for i in range(self.plan.num_shards)]
 
     def new_worker(self, device: str | None = None, threads: int | None = None) -> LineTranslator:
         return LineTranslator(self.spec, self.settings, self.candidates, device=device, threads=threads)
@@ -308,7 +318,7 @@ def _translate_as_rank(input: str, output: Path, work: Path, spec: ModelSpec, se
     if state.is_main_process:
         prepare(input, work, spec, settings, candidates, shard_lines, restart)
     state.wait_for_everyone()
-    job = prepare(input, work, spec, settings, candidates, shard_lines, restart=False)
+    job = _job_from_manifest(input, work, spec, settings, candidates)
     pending = job.pending()
     state.wait_for_everyone()  # nobody writes a shard before everybody has listed the pending ones
     mine = pending[state.process_index::state.num_processes]
@@ -324,6 +334,18 @@ def _translate_as_rank(input: str, output: Path, work: Path, spec: ModelSpec, se
     state.destroy_process_group()
     return FileReport(str(output), job.plan.lines, job.plan.num_shards, job.plan.num_shards - len(pending),
                       len(pending))
+
+
+def _job_from_manifest(input: str, work: Path, spec: ModelSpec, settings: RowSettings,
+                       candidates: Candidates) -> FileJob:
+    """The job as the main process planned it (no second pass over the input), checked against this
+    process's own settings and adapters."""
+    found = json.loads((work / MANIFEST).read_text(encoding="utf-8"))
+    plan = Plan(found["input"]["sha256"], found["input"]["lines"], found["input"]["trailing_newline"],
+                found["shard_lines"], tuple(found["offsets"]))
+    job = FileJob(input, str(work), spec, settings, candidates, plan)
+    check_manifest(found, job.manifest(), job)
+    return job
 
 
 HOLD_ENV = "ADAPTKIT_TEST_HOLD_AFTER_SHARDS"
