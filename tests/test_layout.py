@@ -37,14 +37,14 @@ PUBLIC_FACE = len(LAYERS)
 # (or a server stack) and only one path needs it, so `import adaptkit` and `adaptkit --help` don't pay.
 FUNCTION_LEVEL_ALLOWED = {
     "peft": "~5 s to import; only the peft interop and the benchmark's peers use it",
-    "accelerate": "~1.5 s; only a training run needs it",
+    "accelerate": "~1.5 s; only a training run and file translation under accelerate launch need it",
     "datasets": "~1.4 s; only the paths that load or build a dataset",
     "sacrebleu": "only scoring generated text",
     "matplotlib": "only the benchmark's plots",
     "gguf": "only converting a GGUF download in the zoo",
     "fastapi": "only the service",
     "uvicorn": "only the service",
-    "ray": "only distributed serving",
+    "ray": "only distributed serving and file translation on Ray actors",
     "torchao": "optional (the quant extra); only ak.load(..., quantize='int8') on CPU",
     "bitsandbytes": "optional, CUDA only; only ak.load(..., quantize=...) on a GPU",
 }
