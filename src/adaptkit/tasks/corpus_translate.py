@@ -188,6 +188,8 @@ def translate_file(input: str | Path, output: str | Path, spec: ModelSpec, setti
     if workers < 1:
         raise AdapterError(f"workers must be at least 1; got {workers}")
     output = Path(output)
+    if output.resolve() == Path(input).resolve():
+        raise AdapterError(f"{output} is the input too: write the translation to another file")
     work = output.with_name(output.name + ".shards")
     candidates = spec.candidates()
     if not candidates:
