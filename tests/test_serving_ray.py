@@ -36,8 +36,8 @@ NAMES = [f"en-de/d{i}-{config.method}" for i, config in enumerate(CONFIGS)]
 PER_REPLICA = 2
 GEN = dict(num_beams=1, max_new_tokens=6)
 # Ray's replicas publish the adapters they hold every 0.1 s (PUSH_MULTIPLEXED_MODEL_IDS_INTERVAL_S); the
-# router learns them from the controller right after. Waiting 15 times that before relying on it.
-ROUTING_SETTLES_S = 1.5
+# router learns them from the controller right after. Waiting 20 times that before relying on it.
+ROUTING_SETTLES_S = 2.0
 
 
 class RayService:
