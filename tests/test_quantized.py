@@ -187,3 +187,13 @@ def test_full_finetuning_over_a_quantised_backbone_is_refused(tmp_path):
     model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"), quantize="int8")
     with pytest.raises(ak.AdapterError, match=r"full fine-tuning updates the backbone's weights.*quantised \(int8\)"):
         ak.train(model, None, pairs(8, 0), None, full=True, max_steps=1, output_dir=str(tmp_path), **FAST)
+
+
+def test_int8_composes_with_a_bfloat16_backbone(tmp_path):
+    """dtype=torch.bfloat16 + quantize="int8": what stays unquantised (embeddings, head, norms) is half size too."""
+    model = ak.AdaptedModel(tiny_model("gemma3").to(torch.bfloat16), quantize="int8")
+    randomized(model, "a", CONFIGS["lora"](), seed=0)
+    adapted, bare = logits(model, "gemma3", "a"), logits(model, "gemma3")
+    assert adapted.dtype == torch.bfloat16 and torch.isfinite(adapted).all()
+    assert (adapted - bare).abs().max() > 1e-2 * bare.abs().max()
+    assert storage_bytes(model.model) < storage_bytes(tiny_model("gemma3").to(torch.bfloat16))
