@@ -311,9 +311,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models.pop(name, None)
     print("training over int8 ...", flush=True)
     result["train_on_int8"] = train_on_int8(models["int8"], work, args.steps)
-    fp_step = result["training"].get("lora", {}).get("seconds_per_step")
-    if fp_step:
-        result["train_on_int8"]["seconds_per_step_vs_float32"] = result["train_on_int8"]["seconds_per_step"] / fp_step
     result["seconds"] = round(time.perf_counter() - started, 1)
     save()
     return result
@@ -330,6 +327,10 @@ def render(r: dict[str, Any]) -> str:
              f"Command: `{r['command']}` — {r.get('seconds', '?')} s on {r['provenance']['platform']}, "
              f"torch {r['provenance']['torch']}, torchao {r['provenance']['torchao']}, "
              f"{r['torch_threads']} threads, git {r['provenance']['git']}.", ""]
+    run = r.get("run")
+    if run:
+        lines += [f"Run: `{run['command']}`: {run['wall_seconds'] / 60:.0f} min wall, "
+                  f"{run['user_cpu_seconds'] / 60:.0f} CPU-min, peak RSS {run['peak_rss_kib'] / 2**20:.1f} GiB. {run['note']}.", ""]
     lib = r.get("library_choice")
     if lib:
         s, where = lib["shape"], r.get("library_choice_provenance") or r["provenance"]
@@ -383,11 +384,12 @@ def render(r: dict[str, Any]) -> str:
         lines.append("")
     t = r.get("train_on_int8")
     if t:
-        ratio = t.get("seconds_per_step_vs_float32")
+        fp_step = r.get("training", {}).get("lora", {}).get("seconds_per_step")
         lines += ["## 5. Training a LoRA over the int8 backbone", "",
                   f"Dev loss ({t['dev_sentences']} dev sentences) {t['dev_loss_before']:.3f} (bare) → "
                   f"{t['dev_loss_after']:.3f} after {r['steps']} steps; {t['seconds_per_step']:.1f} s a step"
-                  + (f" ({ratio:.2f}x the float32 LoRA's)" if ratio else "") + "; the file records "
+                  + (f" (the float32 LoRA of part 2: {fp_step:.1f} s a step, measured at another time of the run "
+                     "on a shared CPU: not a paired comparison)" if fp_step else "") + "; the file records "
                   f"`{json.dumps(t['file_backbone_quantization'])}`.", ""]
     return "\n".join(lines)
 
