@@ -330,7 +330,8 @@ def render(r: dict[str, Any]) -> str:
     run = r.get("run")
     if run:
         lines += [f"Run: `{run['command']}`: {run['wall_seconds'] / 60:.0f} min wall, "
-                  f"{run['user_cpu_seconds'] / 60:.0f} CPU-min, peak RSS {run['peak_rss_kib'] / 2**20:.1f} GiB. {run['note']}.", ""]
+                  f"{run['user_cpu_seconds'] / 60:.0f} CPU-min, peak RSS {run['peak_rss_kib'] / 2**20:.1f} GiB. "
+                  f"{run['note']}.", ""]
     lib = r.get("library_choice")
     if lib:
         s, where = lib["shape"], r.get("library_choice_provenance") or r["provenance"]
