@@ -10,7 +10,7 @@ a tensor subclass), so every forward hook and the role map see the same modules 
 gradients reach the input through the frozen weights: adapters below a quantised projection
 train (the QLoRA recipe). Chosen by measurement on this CPU (benchmarks/quantized.py, "library
 choice"): torchao's dynamic int8 activations and `torch.ao` dynamic quantisation (deprecated) run a
-forward 2.6-5x faster but pass no gradient to the input; optimum-quanto's int8 weights train at
+forward 2.6-5.5x faster but pass no gradient to the input; optimum-quanto's int8 weights train at
 the same speed as torchao's, but swap every Linear for its own QLinear (a hook set on the old module
 would be lost) and leave the quantised weights requiring grad.
 
