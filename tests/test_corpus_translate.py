@@ -5,6 +5,7 @@ output line per input line, blank lines and the (missing) trailing newline kept.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -180,6 +181,16 @@ def test_line_count_and_last_newline_kept(files, tmp_path):
         assert all(o == "" for i, o in zip(lines_in, lines_out) if not i.strip()), text
 
 
+def test_stdin_to_stdout_gives_the_lines_a_file_run_gives(files, reference, tmp_path, capsys, monkeypatch):
+    inputs = files["input"].read_text(encoding="utf-8").split("\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(inputs[:SHARD])))  # no last newline: none written
+    assert cli(["translate", "--adapter", str(files["adapter"]), "--src", "en", "--tgt", "de", "--max-new-tokens",
+                "6", "--threads", "1", "--quiet"]) == 0
+    assert capsys.readouterr().out.split("\n") == reference[:SHARD]
+    assert cli(["translate", "--adapter", str(files["adapter"]), "--src", "en", "--tgt", "de", "--workers", "2"]) == 2
+    assert "--workers needs an input file and --output FILE" in capsys.readouterr().err
+
+
 def test_jsonl_rows_routed_per_domain_across_shards(files, tmp_path):
     rows = [{"text": f"a{i} a{i + 1} a{i + 2}", "domain": "it" if i % 3 else "bible", "id": i} for i in range(9)]
     source = tmp_path / "rows.jsonl"
@@ -211,3 +222,25 @@ def test_ray_actors_equal_one_process(files, reference, tmp_path):
         ray.shutdown()
     assert report.translated == 20
     assert out.read_text(encoding="utf-8").split("\n") == reference
+
+
+def test_quantized_backbone_from_the_command_line(files, tmp_path, capsys):
+    """`--quantize int8` gives what `ak.load(..., quantize="int8")` + Translator gives, and the manifest records
+    it: resuming the same output on the float backbone is refused."""
+    pytest.importorskip("torchao")
+    inputs = files["input"].read_text(encoding="utf-8").split("\n")[:40]
+    small = tmp_path / "small.txt"
+    small.write_text("\n".join(inputs) + "\n", encoding="utf-8")
+    out = tmp_path / "int8.txt"
+    assert cli(["translate", "--input", str(small), "--output", str(out), "--adapter", str(files["adapter"]),
+                "--backbone", str(files["backbone"]), "--src", "en", "--tgt", "de", "--max-new-tokens", "6",
+                "--quantize", "int8", "--threads", "1", "--quiet", "--keep-shards"]) == 0
+    model = ak.load(files["backbone"], quantize="int8")
+    model.load_adapter(files["adapter"])
+    rows = [i for i, line in enumerate(inputs) if line.strip()]
+    expected = Translator(model, batch_size=SETTINGS.batch_size).translate(
+        [inputs[i] for i in rows], "en", "de", adapter="en-de/it", num_beams=1, max_new_tokens=6)
+    assert [out.read_text(encoding="utf-8").split("\n")[i] for i in rows] == expected
+    with pytest.raises(ResumeMismatch, match=r"quantize 'int8' \(now None\)"):
+        translate_file(small, out, ModelSpec(str(files["backbone"]), adapter_files=(str(files["adapter"]),)),
+                       SETTINGS, **ONE)

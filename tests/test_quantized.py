@@ -11,6 +11,7 @@ What is checked, on tiny Llama, Gemma3 and Marian backbones:
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -197,3 +198,25 @@ def test_int8_composes_with_a_bfloat16_backbone(tmp_path):
     assert adapted.dtype == torch.bfloat16 and torch.isfinite(adapted).all()
     assert (adapted - bare).abs().max() > 1e-2 * bare.abs().max()
     assert storage_bytes(model.model) < storage_bytes(tiny_model("gemma3").to(torch.bfloat16))
+
+
+def test_cli_trains_an_adapter_over_the_int8_backbone(tmp_path):
+    from adaptkit.cli.train import main
+
+    backbone_dir, data_dir = tmp_path / "backbone", tmp_path / "data"
+    saved = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
+    saved.model.save_pretrained(backbone_dir)
+    saved.tokenizer.save_pretrained(backbone_dir)
+    data_dir.mkdir()
+    pairs(16, 0).to_json(data_dir / "train.jsonl")
+    run = tmp_path / "run"
+    assert main(["train", "--backbone", str(backbone_dir), "--data", str(data_dir), "--adapter", "toy", "--quantize",
+                 "int8", "--max-steps", "2", "--no-generate", "--no-progress", "--no-resume", "--output-dir",
+                 str(run)]) == 0
+    info = ak.read_adapter_info(json.loads((run / "summary.json").read_text())["output"])
+    assert info["backbone"]["quantization"]["scheme"] == "int8"
+    with pytest.raises(ValueError, match="full fine-tuning updates the backbone's weights, which quantize= would"):
+        ak.TrainConfig(quantize="int8", full=True)
+    loaded = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
+    with pytest.raises(ak.AdapterError, match=r"quantize='int8' applies when the trainer loads the backbone by name"):
+        ak.train(loaded, "toy", pairs(8, 0), None, quantize="int8", max_steps=1, output_dir=str(tmp_path), **FAST)

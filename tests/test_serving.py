@@ -529,3 +529,27 @@ def test_one_resident_slot_serves_alternating_adapters_without_deadlock(tmp_path
     for text, name, answer in zip(texts, names, served):
         assert answer == translator.translate([text], "en", "de", adapter=name, num_beams=1, max_new_tokens=5)
     assert scheduler.peak_resident == 1
+
+
+def test_service_on_an_int8_backbone_answers_as_the_int8_model_in_process(tmp_path):
+    """`adaptkit serve --quantize int8`: every family's rows are answered as `ak.load(..., quantize="int8")` answers."""
+    pytest.importorskip("torchao")
+    backbone, store, _ = build_store(tmp_path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server([sys.executable, "-m", "adaptkit.cli.serve", "--backbone", str(backbone), "--store",
+                            str(store), "--port", str(port), "--quantize", "int8", "--log-level", "warning"],
+                           tmp_path / "server.log", url + "/readyz")
+    try:
+        assert httpx.get(url + "/readyz", timeout=30).json()["quantization"] == "int8"
+        reference = ak.load(backbone, store=store, quantize="int8")
+        translator = Translator(reference)
+        texts = ["a1 a2 a3", "a4 a5", "a6 a7 a8 a9"]
+        for name in NAMES[:4]:  # LoRA, AdaLoRA, prefix, bottleneck
+            response = httpx.post(url + "/v1/translate", json={"texts": texts, "src_lang": "en", "tgt_lang": "de",
+                                                                "adapter": name, **GEN}, timeout=120)
+            assert response.status_code == 200, response.text
+            assert response.json()["translations"] == translator.translate(texts, "en", "de", adapter=name, **GEN), name
+    finally:
+        process.terminate()
+        process.wait(60)

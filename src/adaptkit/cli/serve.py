@@ -45,7 +45,7 @@ def serve_command(args: argparse.Namespace) -> int:
         keys = load_api_keys(args.api_key_file) if args.api_key_file else ()
         settings = ServeSettings(**given(args, ServeSettings))
         model = load(args.backbone, store=args.store, max_resident=args.max_resident, dtype=args.dtype,
-                     device=args.device)
+                     device=args.device, quantize=args.quantize)
         catalog = AdapterCatalog(model.store)
         for path in args.adapter or ():
             entry = catalog.install(model, Path(path).read_bytes(), None, replace=True)
@@ -128,6 +128,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                                                "'Authorization: Bearer <key>'")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
+    parser.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                        help="the backbone's Linear weights in int8 (CPU: torchao; CUDA: bitsandbytes) or nf4 "
+                             "(CUDA); adapters stay in full precision")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     limits = parser.add_argument_group("batching and limits")
     add_dataclass_flags(limits, ServeSettings)

@@ -49,7 +49,7 @@ def translate_command(args: argparse.Namespace) -> int:
         return _accelerate_launch(args, source)
     try:
         spec = ModelSpec(args.backbone or _backbone_of(args), store=args.store, adapter_files=tuple(args.adapter or ()),
-                         dtype=args.dtype, device=args.device, max_resident=args.max_resident)
+                         dtype=args.dtype, device=args.device, quantize=args.quantize, max_resident=args.max_resident)
         settings = RowSettings(format="jsonl" if jsonl else "text", src_lang=args.src, tgt_lang=args.tgt,
                                domain=args.domain, use=args.use, num_beams=args.num_beams,
                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
@@ -99,7 +99,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     """The flags of this run, for the processes `accelerate launch` starts."""
     out: list[str] = []
     for flag in ("store", "use", "backbone", "src", "tgt", "domain", "format", "out", "batch_size", "num_beams",
-                 "max_new_tokens", "max_resident", "dtype", "device", "shard_lines", "launcher", "threads"):
+                 "max_new_tokens", "max_resident", "dtype", "device", "quantize", "shard_lines", "launcher", "threads"):
         value = getattr(args, flag)
         if value is not None:
             out += [f"--{flag.replace('_', '-')}", str(value)]
@@ -147,6 +147,9 @@ def add_translate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-resident", type=int, default=None, help="adapters kept in memory at most")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--quantize", choices=["int8", "nf4"], default=None,
+                        help="the backbone's Linear weights in int8 (CPU: torchao, pip install 'adaptkit[quant]'; "
+                             "CUDA: bitsandbytes) or nf4 (CUDA); adapters stay in full precision")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parallel = parser.add_argument_group("file to file: shards, workers, resume")
     parallel.add_argument("--workers", type=int, default=1, help="workers, each with its own backbone and adapters")

@@ -146,7 +146,8 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
         if not scheduler.alive:
             raise ApiError(503, "not_ready", "the scheduler is not running (starting or stopping)")
         return Ready(status="ready", backbone=model.backbone_id, family=model.family,
-                     adapters_in_store=len(catalog.entries()), resident=len(model.adapters))
+                     adapters_in_store=len(catalog.entries()), resident=len(model.adapters),
+                     quantization=(model.quantization or {}).get("scheme"))
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def prometheus_metrics() -> Response:

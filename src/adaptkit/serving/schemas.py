@@ -91,6 +91,7 @@ class Ready(BaseModel):
     family: str
     adapters_in_store: int
     resident: int
+    quantization: str | None = Field(None, description="int8 / nf4 Linear weights (--quantize), or null")
 
 
 class ErrorDetail(BaseModel):

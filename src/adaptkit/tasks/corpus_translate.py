@@ -85,6 +85,7 @@ def scan(path: str | Path, shard_lines: int) -> Plan:
 def model_fingerprint(spec: ModelSpec, candidates: Candidates) -> dict[str, Any]:
     """What decides the weights a row runs with: the backbone, and each adapter's checksum and backbone."""
     return {"backbone": spec.backbone, "dtype": spec.dtype, "device": spec.device,
+            "quantize": spec.quantize,
             "adapters": {name: {"sha256": info.get("sha256"),
                                 "backbone": (info.get("backbone") or {}).get("shapes_sha256")}
                          for name, info in sorted(candidates)}}
@@ -243,7 +244,7 @@ def check_manifest(found: dict[str, Any], expected: dict[str, Any], job: FileJob
     if found.get("shard_lines") != expected["shard_lines"]:
         differences.append(f"shard_lines {found.get('shard_lines')} (now {expected['shard_lines']})")
     old_model, new_model = found.get("model") or {}, expected["model"]
-    for key in ("backbone", "dtype", "device"):
+    for key in ("backbone", "dtype", "device", "quantize"):
         if old_model.get(key) != new_model[key]:
             differences.append(f"{key} {old_model.get(key)!r} (now {new_model[key]!r})")
     if old_model.get("adapters") != new_model["adapters"]:

@@ -34,6 +34,7 @@ class ModelSpec:
     adapter_files: tuple[str, ...] = ()  # or these files
     dtype: str | None = None
     device: str | None = None
+    quantize: str | None = None  # "int8" / "nf4": the backbone's Linear weights (core/quantize.py)
     max_resident: int | None = None
 
     def __post_init__(self) -> None:
@@ -60,7 +61,7 @@ class ModelSpec:
     def load(self, candidates: Candidates, device: str | None = None) -> AdaptedModel:
         """The backbone, with the adapter files loaded under the names `candidates` gives them."""
         model = AdaptedModel.from_pretrained(self.backbone, store=self.store, max_resident=self.max_resident,
-                                             dtype=self.dtype, device=device or self.device)
+                                             dtype=self.dtype, device=device or self.device, quantize=self.quantize)
         for path, (name, _) in zip(self.adapter_files, candidates):
             model.load_adapter(path, name)
         return model

@@ -31,6 +31,8 @@ class TrainConfig:
 
     # what to train
     backbone: str | None = option(None, help="zoo name, local dir or Hub id (CLI; ak.train takes a loaded model)")
+    quantize: str | None = option(None, help="the backbone's frozen Linear weights in int8 (CPU: torchao; CUDA: "
+                                             "bitsandbytes) or nf4 (CUDA) while an adapter trains over them (QLoRA)")
     adapter: str = option("adapter", help="the adapter's name in the bank and in the file")
     method: str = option("lora", help="family of a new adapter: lora | adalora | prefix | bottleneck")
     adapter_options: dict = option(factory=dict, help='the family\'s config, e.g. r=16,alpha=32 or \'{"r": 16}\'')
@@ -124,6 +126,9 @@ class TrainConfig:
             raise ValueError("reverse and synthetic are for text pairs; task=classify trains on {text, label} rows")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.quantize is not None and self.full:
+            raise ValueError("full fine-tuning updates the backbone's weights, which quantize= would freeze in int8 / "
+                             "nf4: drop quantize for full=True, or train an adapter over the quantised backbone")
 
     @property
     def best_metric(self) -> str:

@@ -171,8 +171,11 @@ class Recipe:
         self.accelerator = Accelerator(mixed_precision=_precision(cfg.mixed_precision), cpu=_cpu_processes())
         set_seed(cfg.seed)  # before the adapter is built: its initial weights come from this seed
         if not isinstance(model, AdaptedModel):
-            model = AdaptedModel.from_pretrained(model or cfg.backbone)
+            model = AdaptedModel.from_pretrained(model or cfg.backbone, quantize=cfg.quantize)
         model.require_tokenizer("training")
+        if cfg.quantize is not None and (model.quantization or {}).get("scheme") != cfg.quantize:
+            raise AdapterError(f"quantize={cfg.quantize!r} applies when the trainer loads the backbone by name; this "
+                               "model was loaded without it: pass ak.load(name, quantize=...) instead")
         if cfg.full and model.quantization is not None:
             raise AdapterError(f"full fine-tuning updates the backbone's weights, and this backbone's Linear weights "
                                f"are quantised ({model.quantization['scheme']}): load it without quantize= for "

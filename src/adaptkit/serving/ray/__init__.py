@@ -28,7 +28,7 @@ __all__ = ["RayOptions", "app_builder", "build_app"]
 
 def build_app(backbone: str, store: str, **kwargs: Any) -> Any:
     """The `ray.serve.Application` to pass to `serve.run`: see `deployment.build_app` for the keyword
-    arguments (options: RayOptions, settings: ServeSettings, api_keys, dtype, device, cache)."""
+    arguments (options: RayOptions, settings: ServeSettings, api_keys, dtype, device, quantize, cache)."""
     from adaptkit.serving.ray.deployment import build_app as build
 
     return build(backbone, store, **kwargs)

@@ -21,7 +21,7 @@ REPLICA = "AdapterReplica"
 
 def build_app(backbone: str, store: str, *, options: RayOptions | None = None, settings: ServeSettings | None = None,
               api_keys: tuple[str, ...] = (), dtype: str | None = None, device: str | None = None,
-              cache: str | None = None) -> Any:
+              quantize: str | None = None, cache: str | None = None) -> Any:
     """The application to pass to `serve.run` (a `ray.serve.Application`).
 
     >>> from ray import serve
@@ -41,7 +41,7 @@ def build_app(backbone: str, store: str, *, options: RayOptions | None = None, s
     class AdapterReplica:
         def __init__(self) -> None:
             self.core = ReplicaCore(backbone, store, settings, options.adapters_per_replica, dtype=dtype,
-                                    device=device, torch_threads=threads, cache=cache,
+                                    device=device, quantize=quantize, torch_threads=threads, cache=cache,
                                     replica_id=serve.get_replica_context().replica_tag)
 
         @serve.multiplexed(max_num_models_per_replica=options.adapters_per_replica)
@@ -92,14 +92,14 @@ def app_builder(args: dict[str, Any]) -> Any:
                            "backbone=gemma3-270m store=/shared/adapters") from None
     option_fields = set(asdict(RayOptions()))
     setting_fields = set(asdict(ServeSettings()))
-    unknown = set(args) - option_fields - setting_fields - {"dtype", "device", "cache"}
+    unknown = set(args) - option_fields - setting_fields - {"dtype", "device", "quantize", "cache"}
     if unknown:
         raise AdapterError(f"app_builder: unknown arguments {sorted(unknown)}; known: backbone, store, dtype, device, "
-                           f"cache, {', '.join(sorted(option_fields | setting_fields))}")
+                           f"quantize, cache, {', '.join(sorted(option_fields | setting_fields))}")
     options = RayOptions(**{k: _typed(RayOptions, k, v) for k, v in args.items() if k in option_fields})
     settings = ServeSettings(**{k: _typed(ServeSettings, k, v) for k, v in args.items() if k in setting_fields})
     return build_app(backbone, store, options=options, settings=settings, dtype=args.get("dtype"),
-                     device=args.get("device"), cache=args.get("cache"))
+                     device=args.get("device"), quantize=args.get("quantize"), cache=args.get("cache"))
 
 
 def _typed(cls: type, name: str, value: Any) -> Any:

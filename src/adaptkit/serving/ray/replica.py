@@ -69,13 +69,13 @@ class ReplicaCore:
 
     def __init__(self, backbone: str, store: str, settings: ServeSettings, max_adapters: int, *,
                  replica_id: str = "local", dtype: str | None = None, device: str | None = None,
-                 torch_threads: int | None = None, cache: str | Path | None = None):
+                 quantize: str | None = None, torch_threads: int | None = None, cache: str | Path | None = None):
         if torch_threads:  # several replicas on one node: one BLAS pool each would oversubscribe the cores
             torch.set_num_threads(torch_threads)
         self.replica_id = replica_id
         self.store = SharedStore(store, cache)
         self.model = load(backbone, store=self.store.local.root, max_resident=max_adapters, dtype=dtype,
-                          device=device)
+                          device=device, quantize=quantize)
         self.max_adapters = max_adapters
         self.metrics = ServeMetrics()
         self.scheduler = Scheduler(self.model, AdapterCatalog(self.model.store), settings, self.metrics)
