@@ -252,6 +252,42 @@ def test_generate_route_prompts_by_task(service):
     assert_error(no_task, 422, "no_task")
 
 
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    """(event name, data) of a server-sent event stream; unnamed events are 'message'."""
+    events = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.split("\n"))
+        events.append((fields.get("event", "message"), json.loads(fields["data"])))
+    return events
+
+
+@pytest.mark.parametrize("adapter", [NAMES[0], NAMES[2], None])  # LoRA, prefix, the bare backbone
+def test_generate_streams_server_sent_events_that_join_to_the_plain_answer(service, adapter):
+    body = {"prompts": ["a3 a4 a5 a6"], "adapter": adapter, "task": "style", "max_new_tokens": 8}
+    with service.client() as client:
+        plain = client.post("/v1/generate", json=body)
+        with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as streamed:
+            assert streamed.status_code == 200
+            assert streamed.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(streamed.read().decode())
+    assert plain.status_code == 200, plain.text
+    pieces = [data["text"] for name, data in events if name == "message"]
+    assert events[-1][0] == "done" and [name for name, _ in events[:-1]] == ["message"] * len(pieces)
+    assert pieces and "".join(pieces) == events[-1][1]["output"] == plain.json()["outputs"][0]
+    assert events[-1][1]["adapter"] == adapter
+
+
+def test_stream_takes_one_greedy_prompt(service):
+    with service.client() as client:
+        two = client.post("/v1/generate", json={"prompts": ["a1", "a2"], "adapter": NAMES[0], "task": "style",
+                                                "stream": True})
+        beams = client.post("/v1/generate", json={"prompts": ["a1"], "adapter": NAMES[0], "task": "style",
+                                                  "num_beams": 2, "stream": True})
+    assert_error(two, 422, "stream_one_greedy_prompt")
+    assert_error(beams, 422, "stream_one_greedy_prompt")
+
+
 # -- adapters: list, upload, delete --------------------------------------------------------------
 
 def test_adapter_listing(service):

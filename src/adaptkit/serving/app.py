@@ -34,7 +34,9 @@ from adaptkit.serving.routes import ERRORS, adapter_info, add_inference_routes, 
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.schemas import AdapterInfo, Deleted, ErrorBody, Health, Ready
 from adaptkit.serving.settings import ApiError, ServeSettings
+from adaptkit.serving.streaming import Streams
 from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.tasks.generate import Generator
 
 
 def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = None,
@@ -89,7 +91,8 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
             raise ApiError(499, "client_closed_request", "the client disconnected; its waiting rows were dropped")
         return job.future.result(), job.timings()
 
-    add_inference_routes(app, catalog, settings, metrics, submit)
+    add_inference_routes(app, catalog, settings, metrics, submit,
+                         Streams(Generator(model), settings, metrics))
     add_listing_route(app, catalog, lambda: set(model.adapters), model.max_resident)
 
     # -- changing the store ----------------------------------------------------------------------

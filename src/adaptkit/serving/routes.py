@@ -53,8 +53,9 @@ class Submit(Protocol):
 
 
 def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeSettings, metrics: ServeMetrics,
-                         submit: Submit) -> None:
-    """/v1/translate and /v1/generate on `app`, rows run by `submit`."""
+                         submit: Submit, stream: Callable[..., Awaitable[Any]] | None = None) -> None:
+    """/v1/translate and /v1/generate on `app`, rows run by `submit`; `"stream": true` requests by `stream`
+    (`serving/streaming.py`), where the service has one."""
 
     async def known_adapter(name: str) -> str:
         try:
@@ -133,7 +134,9 @@ def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeS
         outputs, timings = await serve(request, "/v1/translate", key, body.texts, adapters, srcs, tgts)
         return TranslateResponse(translations=outputs, adapters=adapters, timings=timings)
 
-    @app.post("/v1/generate", response_model=GenerateResponse, responses=ERRORS)
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              responses={**ERRORS, 200: {"description": "JSON, or server-sent events with stream: true",
+                                         "content": {"text/event-stream": {}}}})
     async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         """Generate with style, dialogue (or translation) adapters; each row is prompted for its task, by
         default the task in its adapter's file. `adapter: null` is the bare backbone (then give `task`)."""
@@ -153,6 +156,14 @@ def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeS
                                + f"; give task = one of {list(TASKS)}")
             srcs[i] = srcs[i] or info.get("src_lang") or "en"
             tgts[i] = tgts[i] or info.get("tgt_lang") or srcs[i]
+        if body.stream:
+            if stream is None:
+                raise ApiError(422, "stream_unsupported", "this deployment does not stream (Ray Serve); drop stream")
+            if n != 1 or key.num_beams != 1:
+                raise ApiError(422, "stream_one_greedy_prompt", f"stream takes one prompt with num_beams 1 (got {n} "
+                               f"prompts, num_beams {key.num_beams}): beam search knows its output only at the end")
+            request.state.adapters = [adapters[0] or ""]
+            return await stream(request, key, body.prompts[0], adapters[0], srcs[0], tgts[0], tasks[0])
         outputs, timings = await serve(request, "/v1/generate", key, body.prompts, adapters, srcs, tgts, tasks)
         return GenerateResponse(outputs=outputs, adapters=adapters, timings=timings)
 

@@ -49,6 +49,8 @@ class GenerateRequest(_Strict):
     tgt_lang: str | None | list[str | None] = Field(default=None, description="Default: the adapter's, else src_lang")
     num_beams: int | None = Field(default=None, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
+    stream: bool = Field(default=False, description="One prompt, num_beams 1: the output as server-sent events, "
+                                                     "`data: {\"text\": piece}` per piece, then `event: done`")
 
 
 class GenerateResponse(BaseModel):

@@ -32,10 +32,11 @@ class ServeSettings:
     default_max_new_tokens: int = _knob(128, "max_new_tokens when a request gives none")
     default_num_beams: int = _knob(1, "num_beams when a request gives none (1: greedy)")
     retry_after_s: int = _knob(1, "the Retry-After of a 503 when the queue is full")
+    max_streams: int = _knob(2, "streaming generations running at once, beside the batches (503 beyond)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_new_tokens_limit", "max_beams",
-                     "max_body_bytes", "max_upload_bytes"):
+                     "max_body_bytes", "max_upload_bytes", "max_streams"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"ServeSettings.{name} must be at least 1; got {getattr(self, name)}")
         if self.max_wait_ms < 0:
