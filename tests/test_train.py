@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
@@ -316,3 +316,14 @@ def test_interrupted_adalora_run_resumes_to_the_same_adapter(tmp_path, backbone_
     monkeypatch.setattr(Recipe, "_optimizer_step", original)
     resumed = train(ak.load(backbone_dir), "toy", str(data_dir), output_dir=str(tmp_path / "cut"), **options)
     _assert_same(_adapter_tensors(reference["output"]), _adapter_tensors(resumed["output"]))
+
+
+def test_routing_keys_come_from_the_data_only_where_every_row_agrees(tmp_path):
+    """A corpus mixing two domains trains the pair's general adapter: no domain in its file (it used to take
+    the first row's, so a 'mixed' adapter could be routed as if it were one domain's)."""
+    mixed = concatenate_datasets([pairs(8, 0), pairs(8, 1).map(lambda row: {"domain": "other"})]).shuffle(seed=0)
+    summary = ak.train(tiny("llama"), "mixed", mixed, None, max_steps=1, output_dir=str(tmp_path / "m"), **FAST)
+    info = ak.read_adapter_info(summary["output"])
+    assert (info.get("src_lang"), info.get("tgt_lang"), info.get("domain")) == ("en", "de", None)
+    one = ak.train(tiny("llama"), "one", pairs(8, 0), None, max_steps=1, output_dir=str(tmp_path / "o"), **FAST)
+    assert ak.read_adapter_info(one["output"])["domain"] == "toy"

@@ -307,10 +307,14 @@ class Recipe:
         return self.cfg.data
 
     def _routing_keys(self, rows: Any) -> None:
-        first = rows[0] if len(rows) else {}
+        """Routing keys the file will carry, from the data only where every row agrees: a corpus that mixes
+        domains (or pairs) trains an adapter for none of them in particular, the pair's general fallback,
+        not one labelled with whatever its first row happened to be."""
         for key in ("src_lang", "tgt_lang", "domain"):
-            if getattr(self.cfg, key) is None and first.get(key):
-                setattr(self.cfg, key, first[key])
+            if getattr(self.cfg, key) is None:
+                values = set(_column(rows, key))
+                if len(values) == 1 and (value := values.pop()):
+                    setattr(self.cfg, key, value)
 
     def _prompt_format(self) -> PromptFormat:
         """The task's prompt (`cfg.prompt` replaces its text): what Generator / Translator prompt with later."""
@@ -578,3 +582,8 @@ def _dev_split_of(source: Any, split: str) -> Any:
     return None
 
 
+def _column(rows: Any, key: str) -> list[Any]:
+    """One field of every row, from a `datasets.Dataset` (by column) or a list of dicts."""
+    if hasattr(rows, "column_names"):
+        return list(rows[key]) if key in rows.column_names else [None]
+    return [row.get(key) for row in rows]
