@@ -58,11 +58,13 @@ class Streams:
             raise ApiError(422, "bad_stream_request", str(error)) from None
         self.running += 1
         self.metrics.requests.labels("/v1/generate", adapter or "").inc()
-        return StreamingResponse(self._events(request, pieces, adapter, started), media_type="text/event-stream",
+        # Started here, not when the body is first iterated: the slot is given back when generation ends even
+        # if the client is gone before the response starts (the body is then never iterated).
+        queue, stop = self._start(pieces)
+        return StreamingResponse(self._events(request, queue, stop, adapter, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    async def _events(self, request: Request, pieces: Iterator[str], adapter: str | None,
-                      started: float) -> AsyncIterator[str]:
+    def _start(self, pieces: Iterator[str]) -> tuple[asyncio.Queue, threading.Event]:
         loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def pump() -> None:
@@ -79,6 +81,10 @@ class Streams:
                 loop.call_soon_threadsafe(self._ended, queue)
 
         threading.Thread(target=pump, name="adaptkit-sse", daemon=True).start()
+        return queue, stop
+
+    async def _events(self, request: Request, queue: asyncio.Queue, stop: threading.Event, adapter: str | None,
+                      started: float) -> AsyncIterator[str]:
         output, first = [], None
         try:
             while (item := await queue.get()) is not _END:
