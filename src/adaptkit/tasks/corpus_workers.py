@@ -20,15 +20,24 @@ import os
 import queue
 import signal
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from adaptkit.core.errors import AdapterError
+from adaptkit.tasks.filerows import LineTranslator, ModelSpec
 
-if TYPE_CHECKING:
-    from adaptkit.tasks.corpus_translate import FileJob
+
+class FileJob(Protocol):
+    """What a worker needs of `corpus_translate.FileJob`: stated here so this module does not import its caller."""
+
+    spec: ModelSpec
+
+    def new_worker(self, device: str | None = None, threads: int | None = None) -> LineTranslator: ...
+    def translate_shard(self, worker: LineTranslator, index: int) -> list[str]: ...
+    def write_shard(self, index: int, lines: list[str]) -> int: ...
+
 
 Advance = Callable[[int], None]  # called with each finished shard's number
 
