@@ -3,7 +3,7 @@
     python examples/domain_classifier.py                   # the classifier: 35 min on 2 loaded CPU cores
     python examples/domain_classifier.py --end-to-end      # + gemma3-270m en→es routing by predicted domain
     python examples/domain_classifier.py --classifier runs/domain-classifier/classifier/domain.safetensors \
-        --skip-classifier-test --end-to-end --test-sentences 50   # end to end only, on the trained classifier
+        --skip-classifier-test --end-to-end --test-sentences 100   # end to end only, on the trained classifier
 
 Part 1 — which domain is this English sentence from? Labels are the shipped samples' own `domain`
 keys, from their source side only: `software-documentation` (LibreOffice help, en-de and en-es
@@ -30,7 +30,13 @@ for gemma3-270m, minilm-l6 in float32 as shipped):
         0.12 s a sentence batched (64 a call), 0.46 s one at a time (upper bounds: the machine was loaded)
         35 min of training here (~14 s a step under load)
 
-More in docs/encoders.md.
+    end to end (100 test rows per domain, 200 in all; adapters 40 steps of batch 8; 17 min here)
+        chrF: domain="auto" 44.3, routed by the true domain 44.4, one mixed adapter 42.8
+        auto − true −0.1 (95% CI −0.2…+0.1); auto − mixed +1.5 (−0.2…+3.0), paired bootstrap
+        184 of 200 rows routed as their true domain (13 software-help rows taken for UI strings,
+        which have no adapter and so go to the mixed one)
+
+More in docs/encoders.md; the end-to-end figures in examples/results/domain_classifier_end_to_end.json.
 
 Each run writes its figures as JSON (`--output`, default runs/domain-classifier/results.json).
 """
