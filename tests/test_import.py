@@ -10,3 +10,12 @@ def test_import_prints_nothing():
     done = subprocess.run([sys.executable, "-c", "import adaptkit"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == "", done.stderr
+
+
+def test_nf4_on_cpu_prints_nothing():
+    # bitsandbytes warns at import about a CPU kernel package adaptkit never uses (core/quiet.py)
+    code = ("import sys; sys.path.insert(0, 'tests'); import adaptkit as ak; from tiny import tiny_model; "
+            "ak.AdaptedModel(tiny_model('llama'), quantize='nf4')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == "", done.stderr

@@ -24,6 +24,8 @@ from adaptkit.cli import main as adaptkit_main
 from adaptkit.cli.flags import add_dataclass_flags, given
 from adaptkit.core.bank import load
 from adaptkit.core.errors import AdapterError
+from adaptkit.core.quantize import HELP as QUANTIZE_HELP
+from adaptkit.core.quantize import SCHEMES
 from adaptkit.serving.catalog import AdapterCatalog
 from adaptkit.serving.ray.options import RayOptions
 from adaptkit.serving.settings import ServeSettings, load_api_keys
@@ -128,9 +130,7 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                                                "'Authorization: Bearer <key>'")
     parser.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
     parser.add_argument("--device", default=None, help="e.g. cuda (default: cpu)")
-    parser.add_argument("--quantize", choices=["int8", "nf4"], default=None,
-                        help="the backbone's Linear weights in int8 (CPU: torchao; CUDA: bitsandbytes) or nf4 "
-                             "(CUDA); adapters stay in full precision")
+    parser.add_argument("--quantize", choices=SCHEMES, default=None, help=QUANTIZE_HELP)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     limits = parser.add_argument_group("batching and limits")
     add_dataclass_flags(limits, ServeSettings)

@@ -28,6 +28,8 @@ from pathlib import Path
 from adaptkit.cli import main as adaptkit_main
 from adaptkit.core.adapterfile import read_adapter_info
 from adaptkit.core.errors import AdapterError
+from adaptkit.core.quantize import HELP as QUANTIZE_HELP
+from adaptkit.core.quantize import SCHEMES
 from adaptkit.tasks.corpus_translate import translate_file
 from adaptkit.tasks.filerows import LineTranslator, ModelSpec, RowSettings
 
@@ -147,9 +149,7 @@ def add_translate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-resident", type=int, default=None, help="adapters kept in memory at most")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--quantize", choices=["int8", "nf4"], default=None,
-                        help="the backbone's Linear weights in int8 (CPU: torchao, pip install 'adaptkit[quant]'; "
-                             "CUDA: bitsandbytes) or nf4 (CUDA); adapters stay in full precision")
+    parser.add_argument("--quantize", choices=SCHEMES, default=None, help=QUANTIZE_HELP)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parallel = parser.add_argument_group("file to file: shards, workers, resume")
     parallel.add_argument("--workers", type=int, default=1, help="workers, each with its own backbone and adapters")

@@ -89,8 +89,8 @@ class AdaptedModel(nn.Module):
     def from_pretrained(cls, name_or_path: str | Path, *, dtype: torch.dtype | str | None = None,
                         device: str | torch.device | None = None, quantize: str | None = None,
                         **kwargs: Any) -> AdaptedModel:
-        """`quantize`: "int8" (CPU: torchao weight-only; CUDA: bitsandbytes) or "nf4" (CUDA) for the
-        frozen Linear layers (core/quantize.py); adapters stay in full precision."""
+        """`quantize`: "int8" (CPU: torchao weight-only; CUDA: bitsandbytes) or "nf4" (bitsandbytes, CPU or
+        CUDA) for the frozen Linear layers (core/quantize.py); adapters stay in full precision."""
         model, tokenizer, backbone_id = load_pretrained(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, backbone_id, quantize=quantize, **kwargs)
 

@@ -14,8 +14,11 @@ forward 2.6-5.5x faster but pass no gradient to the input; optimum-quanto's int8
 the same speed as torchao's, but swap every Linear for its own QLinear (a hook set on the old module
 would be lost) and leave the quantised weights requiring grad.
 
-On CUDA, `"int8"` (LLM.int8) and `"nf4"` (4-bit NormalFloat) go through bitsandbytes, whose
-Linear8bitLt / Linear4bit replace each nn.Linear before the role map is read.
+`"nf4"` (4-bit NormalFloat, the QLoRA storage format) goes through bitsandbytes on CPU and CUDA, and
+on CUDA `"int8"` does too (LLM.int8): bitsandbytes' Linear4bit / Linear8bitLt replace each nn.Linear
+before the role map is read. They subclass nn.Linear, so the role map finds them as it found the
+originals. On CPU (bitsandbytes 0.50 or later) a 4-bit layer dequantises its weight, then multiplies:
+it saves memory, not time.
 
 The output projection (the LM head, often tied to the input embeddings) stays in full precision,
 as bitsandbytes' own default does: quantising a tied head would add an int8 copy beside the
@@ -32,29 +35,33 @@ from torch import nn
 
 from adaptkit.core.errors import AdapterError
 
-SCHEMES = {"cpu": ("int8",), "cuda": ("int8", "nf4")}
+SCHEMES = ("int8", "nf4")
+HELP = ("the backbone's frozen Linear weights in int8 (CPU: torchao; CUDA: bitsandbytes) or nf4 (bitsandbytes, "
+        "CPU or CUDA; pip install 'adaptkit[quant]'); adapters stay in full precision and train over them (QLoRA)")
+# which library quantises, by (device type, scheme): torchao's int8 was measured the best on CPU
+LIBRARY = {("cpu", "int8"): "torchao", ("cpu", "nf4"): "bitsandbytes",
+           ("cuda", "int8"): "bitsandbytes", ("cuda", "nf4"): "bitsandbytes"}
 
 
 def quantize_backbone(model: nn.Module, scheme: str) -> dict[str, Any]:
     """Quantise `model`'s Linear layers in place on the device it sits on; returns what was done
     (scheme, library and version, modules quantised), the record adapter files carry."""
     device = _device_of(model)
-    supported = SCHEMES.get(device.type, ())
-    if scheme not in SCHEMES["cuda"]:
+    if scheme not in SCHEMES:
         raise AdapterError(f"quantize={scheme!r} is not a quantisation adaptkit knows; use quantize='int8' "
-                           "(CPU: torchao; CUDA: bitsandbytes), quantize='nf4' (CUDA only), or leave it None "
+                           "(CPU: torchao; CUDA: bitsandbytes), quantize='nf4' (bitsandbytes), or leave it None "
                            "(and pass dtype=torch.bfloat16 for a half-size float backbone)")
-    if scheme not in supported:
-        raise AdapterError(f"quantize={scheme!r} needs a CUDA device (bitsandbytes), and this backbone is on "
-                           f"{device.type}; supported here: {', '.join(repr(s) for s in supported) or 'none'}. "
-                           "Load with device='cuda', or use quantize='int8' on CPU")
+    library = LIBRARY.get((device.type, scheme))
+    if library is None:
+        raise AdapterError(f"quantize={scheme!r} is not available on a {device.type} device: adaptkit quantises "
+                           "on the CPU and on CUDA; load the backbone there (device='cpu' or 'cuda')")
     skip = {id(m) for m in _output_projections(model)}
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and id(module) not in skip]
     if not targets:
         raise AdapterError(f"this {type(model).__name__} has no nn.Linear layer to quantise besides its output "
                            "projection (GPT-2 style Conv1D projections are not quantised); load it without quantize=")
-    if device.type == "cuda":
+    if library == "bitsandbytes":
         record = _bitsandbytes(model, targets, scheme, device)
     else:
         record = _torchao_int8(model, {id(m) for _, m in targets})
@@ -95,7 +102,11 @@ def _bitsandbytes(model: nn.Module, targets: list[tuple[str, nn.Module]], scheme
     try:
         import bitsandbytes as bnb
     except ImportError:
-        raise AdapterError(f"quantize={scheme!r} on CUDA needs bitsandbytes: pip install bitsandbytes") from None
+        raise AdapterError(f"quantize={scheme!r} on {device.type} needs bitsandbytes: pip install 'adaptkit[quant]' "
+                           "(or pip install bitsandbytes)") from None
+    if device.type == "cpu" and _older_than(_library_version("bitsandbytes"), (0, 50)):
+        raise AdapterError(f"quantize={scheme!r} on CPU needs bitsandbytes 0.50 or later (found "
+                           f"{_library_version('bitsandbytes')}): pip install -U bitsandbytes")
     compute = next(model.parameters()).dtype
     for name, old in targets:
         weight = old.weight.data.cpu()  # bitsandbytes quantises a parameter as it moves from the CPU to the GPU
@@ -103,6 +114,11 @@ def _bitsandbytes(model: nn.Module, targets: list[tuple[str, nn.Module]], scheme
             new = bnb.nn.Linear4bit(old.in_features, old.out_features, bias=old.bias is not None,
                                     compute_dtype=compute, quant_type="nf4", device="meta")
             new.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+            # On a CPU with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for a fast kernel at the
+            # first inference call, for good: that kernel has no backward, so an adapter trained after any
+            # evaluation would silently get no gradient through the layer (and the repacking fails unless
+            # in_features is a multiple of 64). Every layer keeps the plain path: dequantise, then matmul.
+            new.support_avx512bf16_for_cpu = False
         else:
             new = bnb.nn.Linear8bitLt(old.in_features, old.out_features, bias=old.bias is not None,
                                       has_fp16_weights=False, threshold=6.0, device="meta")
@@ -115,9 +131,18 @@ def _bitsandbytes(model: nn.Module, targets: list[tuple[str, nn.Module]], scheme
     return {"library": "bitsandbytes", "version": _library_version("bitsandbytes"), "method": method}
 
 
+def _older_than(found: str, wanted: tuple[int, ...]) -> bool:
+    try:
+        parts = tuple(int(p) for p in found.split(".")[:len(wanted)])
+    except ValueError:  # "unknown" or a local build: let bitsandbytes itself decide
+        return False
+    return parts < wanted
+
+
 def storage_bytes(model: nn.Module) -> int:
     """Bytes the backbone's parameters and buffers hold, counting a quantised weight's inner tensors
-    (int8 data and scales) rather than the float size it reports; shared tensors counted once."""
+    (int8 data and scales) rather than the float size it reports, and the scales bitsandbytes keeps
+    beside its weights (`quant_state`, `SCB`); shared tensors counted once."""
     seen: set[tuple[int, int]] = set()
     total = 0
 
@@ -134,7 +159,27 @@ def storage_bytes(model: nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += storage.nbytes()
+        for side in _side_tensors(tensor):
+            add(side)
 
     for tensor in [*model.parameters(), *model.buffers()]:
         add(tensor)
     return total
+
+
+def _side_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """What bitsandbytes keeps beside a quantised weight: Params4bit's quant state (block scales, code
+    book, nested state) and Int8Params' row scales."""
+    found = [t for t in (getattr(tensor, "SCB", None),) if isinstance(t, torch.Tensor)]
+    states = [getattr(tensor, "quant_state", None)]
+    while states:
+        state = states.pop()
+        if state is None or isinstance(state, torch.Tensor):
+            continue
+        for value in vars(state).values():
+            if isinstance(value, torch.Tensor):
+                found.append(value)
+            elif type(value).__name__ == "QuantState":
+                states.append(value)
+    return found
+

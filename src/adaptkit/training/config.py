@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from adaptkit.core.quantize import HELP as QUANTIZE_HELP
 from adaptkit.evaluation.scoring import MODES
 
 if sys.version_info >= (3, 11):
@@ -31,8 +32,7 @@ class TrainConfig:
 
     # what to train
     backbone: str | None = option(None, help="zoo name, local dir or Hub id (CLI; ak.train takes a loaded model)")
-    quantize: str | None = option(None, help="the backbone's frozen Linear weights in int8 (CPU: torchao; CUDA: "
-                                             "bitsandbytes) or nf4 (CUDA) while an adapter trains over them (QLoRA)")
+    quantize: str | None = option(None, help=QUANTIZE_HELP)
     adapter: str = option("adapter", help="the adapter's name in the bank and in the file")
     method: str = option("lora", help="family of a new adapter: lora | adalora | prefix | bottleneck")
     adapter_options: dict = option(factory=dict, help='the family\'s config, e.g. r=16,alpha=32 or \'{"r": 16}\'')
