@@ -18,7 +18,7 @@ would be lost) and leave the quantised weights requiring grad.
 on CUDA `"int8"` does too (LLM.int8): bitsandbytes' Linear4bit / Linear8bitLt replace each nn.Linear
 before the role map is read. They subclass nn.Linear, so the role map finds them as it found the
 originals. On CPU (bitsandbytes 0.50 or later) a 4-bit layer dequantises its weight, then multiplies:
-it saves memory, not time.
+it saves memory and costs time.
 
 The output projection (the LM head, often tied to the input embeddings) stays in full precision,
 as bitsandbytes' own default does: quantising a tied head would add an int8 copy beside the
