@@ -182,4 +182,3 @@ def _side_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
             elif type(value).__name__ == "QuantState":
                 states.append(value)
     return found
-
