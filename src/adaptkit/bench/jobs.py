@@ -59,6 +59,8 @@ class BenchConfig:
     latency_tokens: int = option(16, help="new tokens generated per timed sentence (exactly)")
     latency_repeats: int = option(2, help="times each sentence is timed")
     seed: int = option(0, help="seed of data order and adapter initialisation, the same for every job")
+    activation_checkpointing: bool = option(False, help="every job, peft's too, recomputes activations in the "
+                                                        "backward pass (less memory, more compute)")
     threads: int | None = option(None, help="torch CPU threads per job (default: torch's; 1 helps on a busy machine)")
     isolate: bool = option(True, help="a forked worker per job (honest peak RSS); --no-isolate: in-process")
     output_dir: str = option("benchmarks/results", help="where the report's JSON, markdown and plots go")

@@ -91,6 +91,9 @@ def train_peft(model: Any, method: str, cfg: Any, train_rows: Any, dev_rows: Any
     set_seed(cfg.seed)  # as the trainer does before building the adapter
     config = peft_config(method, model, cfg.budget_steps)
     pm = peft.get_peft_model(model.model, config)
+    if cfg.activation_checkpointing:  # as peft's docs do it; the adapters sit in the modules, so no routing
+        pm.base_model.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
     prompt = PromptFormat() if model.family == "decoder" else None
     encoded, _ = encode_pairs(train_rows, model.tokenizer, model.family, prompt=prompt,
                               max_source_len=cfg.max_source_len, max_target_len=cfg.max_target_len)

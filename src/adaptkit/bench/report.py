@@ -143,7 +143,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Budget: {cfg['budget_steps']} optimizer steps × batch {cfg['batch_size']}, linear schedule, "
         f"warmup {cfg['warmup_steps'] if cfg['warmup_steps'] is not None else cfg['budget_steps'] // 10}, "
-        f"peak lr per family {cfg['lrs']}, seed {cfg['seed']}, same data order for all. Evaluation: "
+        f"peak lr per family {cfg['lrs']}, seed {cfg['seed']}, same data order for all"
+        f"{', activation checkpointing in every job' if cfg.get('activation_checkpointing') else ''}. Evaluation: "
         f"{cfg['eval_samples']} dev / {cfg['test_samples']} test sentences, greedy, ≤{cfg['max_new_tokens']} "
         f"new tokens. Latency: {cfg['latency_sentences']} sentences × {cfg['latency_tokens']} new tokens, batch 1, "
         "interleaved with the bare backbone in the same process. × full step: the median over steps of this "

@@ -169,7 +169,7 @@ def _train_adaptkit(model: Any, job: Job, cfg: BenchConfig, train_rows: Any, dev
                  checkpoint_every=0, generate=True, eval_batch_size=cfg.eval_batch_size,
                  max_new_tokens=cfg.max_new_tokens, max_source_len=cfg.max_source_len,
                  max_target_len=cfg.max_target_len, output_dir=str(work / slug(job.key)), resume=False,
-                 progress=cfg.progress)
+                 progress=cfg.progress, activation_checkpointing=cfg.activation_checkpointing)
 
 
 def _warmup(cfg: BenchConfig) -> int:

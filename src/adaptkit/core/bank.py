@@ -26,7 +26,7 @@ from adaptkit.core.backbone import fingerprint, freeze, load_pretrained
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.quantize import quantize_backbone
 from adaptkit.core.registry import adapter_class_for
-from adaptkit.core.routing import AdapterSpec, Routing, current_routing, routing_scope
+from adaptkit.core.routing import AdapterSpec, Routing, current_routing, recompute_under_this_routing, routing_scope
 from adaptkit.core.safebuild import build_from_file
 
 if TYPE_CHECKING:
@@ -408,6 +408,17 @@ class AdaptedModel(nn.Module):
             if term is not None:
                 loss = loss + term.to(loss.device)
         return loss
+
+    def enable_activation_checkpointing(self) -> None:
+        """Keep only each transformer layer's input for the backward pass and recompute the rest there:
+        training memory for activations drops to about one layer's, for about one more forward of compute.
+        The recomputation runs under the routing of the call it repeats (`recompute_under_this_routing`),
+        so adapters train exactly as without it, also where the backward runs in another thread."""
+        self.model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": recompute_under_this_routing})
+
+    def disable_activation_checkpointing(self) -> None:
+        self.model.activation_checkpointing_disable()
 
     @torch.no_grad()
     def generate(self, *args: Any, adapter: Any = _UNSET, **kwargs: Any) -> torch.Tensor:

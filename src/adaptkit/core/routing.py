@@ -137,3 +137,12 @@ def routing_scope(routing: Routing | None) -> Iterator[Routing | None]:
         yield routing
     finally:
         _CURRENT.reset(token)
+
+
+def recompute_under_this_routing() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """`context_fn` for torch.utils.checkpoint: called as a checkpointed layer runs forward, it returns the
+    contexts of that forward (nothing to add) and of its recomputation in the backward pass (the routing
+    of this call). The backward may run the recomputation outside the call's scope or in another thread
+    (autograd's device threads on GPU), where the context variable would say "no adapter"."""
+    return contextlib.nullcontext(), routing_scope(current_routing())
+

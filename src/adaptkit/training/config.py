@@ -93,6 +93,8 @@ class TrainConfig:
     slice_head: bool = option(True, help="decoder LMs: LM head only at target positions (exact, much faster)")
     chunked_loss: bool = option(True, help="with slice_head: LM head + cross-entropy a chunk of positions at a "
                                            "time, so the logits and their gradient never exist whole (exact)")
+    activation_checkpointing: bool = option(False, help="recompute each layer's activations in the backward pass "
+                                                        "instead of keeping them: less memory, ~1/3 more compute")
     # output
     output_dir: str | None = option(None, help="where the adapter and checkpoints go (default runs/<adapter>)")
     checkpoint_every: int | None = option(None, help="optimizer steps between checkpoints (default: eval_every; "

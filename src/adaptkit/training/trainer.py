@@ -187,6 +187,8 @@ class Recipe:
                                f"this backbone is {model.family}")
         self.model, self.family, self.tokenizer = model, model.family, model.tokenizer
         self._was_training = model.training  # steps run in train mode; cleanup() gives the mode back
+        if cfg.activation_checkpointing:  # cleanup() turns it off again
+            model.enable_activation_checkpointing()
 
         # data: pairs → tokens; the prompt (decoder LMs) is part of the recipe, saved with the adapter
         source = train_data if train_data is not None else self._need_data()
@@ -519,6 +521,8 @@ class Recipe:
             AcceleratorState._reset_state()
         if hasattr(self, "model"):
             self.model.train(self._was_training)
+            if self.cfg.activation_checkpointing:
+                self.model.disable_activation_checkpointing()
 
     # -- checkpoints (the file layout is checkpoint.py's) ----------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
