@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--name", default="backtranslation")
     args = parser.parse_args()
 
+    run_environment = environment()  # the code and tree the run starts from, not the HEAD at its end
     clock = Clock()
     data = select_data(args.corpus, args.mono, args.extra_test)
     mono_file = args.work / "mono.de.txt"
@@ -195,7 +196,7 @@ def main() -> None:
         "comparisons": comparisons,
         "time": clock.stages,
         "total_wall_s": round(sum(s["wall_s"] for s in clock.stages.values()), 1),
-        **environment(),
+        **run_environment,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
