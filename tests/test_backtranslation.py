@@ -18,7 +18,7 @@ from datasets import load_dataset
 import adaptkit as ak
 import test_train
 from adaptkit.data import load_pairs
-from adaptkit.tasks.backtranslate import BacktranslationError, backtranslate
+from adaptkit.tasks.backtranslate import BacktranslationError, backtranslate, degenerate
 from adaptkit.tasks.translate import Translator
 from adaptkit.training.mixing import MixedSampler, swap_sides
 from adaptkit.training.trainer import Recipe, train
@@ -251,3 +251,38 @@ def test_interrupted_mixed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch
     resumed = train(tiny("llama"), "mix", pairs(40, 0), output_dir=str(tmp_path / "cut"), **options)
     test_train._assert_same(test_train._adapter_tensors(reference["output"]),
                             test_train._adapter_tensors(resumed["output"]))
+
+
+def test_degenerate_sources_are_named_and_normal_ones_pass():
+    # from the gemma3-270m run (benchmarks/results/backtranslation.md): a loop, and a translation
+    loop = "To edit the current color palette, select the color - area - " + "Color - Fill - " * 12
+    assert degenerate(loop, "Zum Bearbeiten der aktuellen Farbtabelle wählen Sie Format – Fläche") == "repeats itself"
+    assert degenerate("If the format is invalid, the method False returns.",
+                      "Wenn das Format ungültig ist, gibt die Methode False zurück.") is None
+    assert degenerate("Choose Insert - Quiver...", "Wählen Sie Einfügen – Querverweis…") is None
+    assert degenerate("  ", "Hallo") == "empty"
+    long = " ".join(f"w{i}" for i in range(16))
+    assert degenerate(long, "eins zwei drei") == "16 words for a 3-word line"
+    assert degenerate(long, "eins zwei drei", max_length_ratio=6.0) is None
+    assert degenerate("one two three four five six seven", "eins zwei") is None  # 3.5x, but only 5 words more
+
+
+def test_drop_degenerate_leaves_them_out_of_the_corpus_only(tmp_path, backbone_dir, reverse_adapter, monkeypatch):
+    loop = "a b c " * 6
+    outputs = {line: (loop if i % 5 == 0 else "" if i % 7 == 3 else f"x{i} y{i}") for i, line in enumerate(MONO)}
+    monkeypatch.setattr(Translator, "translate", lambda self, texts, *a, **k: [outputs[t] for t in texts])
+    model = ak.load(backbone_dir)
+    result = _run(model, reverse_adapter, tmp_path / "bt", drop_degenerate=True)
+    expected_dropped = [i for i, line in enumerate(MONO) if outputs[line] in (loop, "")]
+    assert result.dropped_rows == len(expected_dropped) == 7
+    corpus = [json.loads(line) for line in result.corpus.read_text().splitlines()]
+    assert [r["ref"] for r in corpus] == [str(i) for i in range(21) if i not in expected_dropped]
+    dropped = [json.loads(line) for line in (tmp_path / "bt" / "dropped.jsonl").read_text().splitlines()]
+    assert [r["ref"] for r in dropped] == [str(i) for i in expected_dropped]
+    assert {r["dropped"] for r in dropped} == {"repeats itself", "empty"}
+    manifest = json.loads((tmp_path / "bt" / "manifest.json").read_text())
+    assert manifest["filter"]["dropped_rows"] == 7 and manifest["corpus_rows"] == 14
+    # the chunks keep every row: the same directory, assembled again without the filter, has all 21
+    again = _run(model, reverse_adapter, tmp_path / "bt")
+    assert (again.reused_chunks, again.dropped_rows) == (4, 0)
+    assert len(again.corpus.read_text().splitlines()) == 21

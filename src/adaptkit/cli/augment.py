@@ -32,7 +32,8 @@ def backtranslate_command(args: argparse.Namespace) -> int:
         model = AdaptedModel.from_pretrained(backbone, dtype=args.dtype, device=args.device)
         result = backtranslate(model, args.adapter, texts, args.out, batch_size=args.batch_size,
                                chunk_size=args.chunk_size, max_new_tokens=args.max_new_tokens,
-                               num_beams=args.num_beams, progress=not args.quiet)
+                               num_beams=args.num_beams, progress=not args.quiet,
+                               drop_degenerate=args.drop_degenerate, max_length_ratio=args.max_length_ratio)
     except (AdapterError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -56,6 +57,11 @@ def add_augment_commands(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-beams", type=int, default=1)
     parser.add_argument("--limit", type=int, help="the first N non-blank lines only")
+    parser.add_argument("--drop-degenerate", action="store_true",
+                        help="leave sources that are empty, far longer than their line or a loop of repeated words "
+                             "out of train.jsonl (they go to dropped.jsonl, with the reason)")
+    parser.add_argument("--max-length-ratio", type=float, default=2.5,
+                        help="with --drop-degenerate: a source over this many times its line's words is dropped")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,6 +8,10 @@ Rows: `src` (generated), `tgt` (the monolingual line), `src_lang` / `tgt_lang` (
 pair swapped), `domain`, `ref` (line number in the input), `synthetic: true` — the columns of the
 corpora `adaptkit corpus build` writes, so `load_pairs(out)` / `datasets.load_dataset("json", ...)` read it.
 
+With `drop_degenerate`, sources that are no translation of their line — empty, far longer than it, or
+a loop of repeated words, the ways a briefly trained reverse adapter fails — stay in the chunks but
+go to `out/dropped.jsonl` (with the reason) instead of `train.jsonl`.
+
 Resumable: each chunk of `chunk_size` lines is translated and then written atomically; a run that was
 killed starts again after its last whole chunk, and (greedy decoding, the same batches) writes what an
 uninterrupted run would have. `out/manifest.json` records what the output is made from — the input
@@ -17,6 +21,7 @@ from anything else is refused rather than mixing two corpora.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -49,6 +54,22 @@ class BacktranslationResult:
     chunks: int
     reused_chunks: int  # chunks a previous (killed) run had finished
     translated_rows: int  # rows this run generated
+    dropped_rows: int = 0  # degenerate sources left out of the corpus (drop_degenerate)
+
+
+def degenerate(source: str, target: str, max_length_ratio: float = 2.5) -> str | None:
+    """Why a synthetic `source` cannot be a translation of `target`, or None: empty; a loop — fewer than
+    half of its word trigrams distinct, over 8 or more; or over `max_length_ratio` times the line's words
+    (and at least 6 more: short lines vary a lot)."""
+    words, target_words = source.split(), target.split()
+    if not words:
+        return "empty"
+    trigrams = list(zip(words, words[1:], words[2:]))
+    if len(trigrams) >= 8 and len(set(trigrams)) < len(trigrams) / 2:
+        return "repeats itself"
+    if len(words) > max_length_ratio * len(target_words) and len(words) - len(target_words) >= 6:
+        return f"{len(words)} words for a {len(target_words)}-word line"
+    return None
 
 
 def read_monolingual(path: str | Path, limit: int | None = None) -> list[str]:
@@ -76,10 +97,13 @@ def read_monolingual(path: str | Path, limit: int | None = None) -> list[str]:
 
 def backtranslate(model: AdaptedModel, adapter: str | Path, texts: Sequence[str], out: str | Path, *,
                   batch_size: int = 16, chunk_size: int | None = None, max_new_tokens: int = 128,
-                  num_beams: int = 1, progress: bool = True,
+                  num_beams: int = 1, progress: bool = True, drop_degenerate: bool = False,
+                  max_length_ratio: float = 2.5,
                   on_chunk: Callable[[int], None] | None = None) -> BacktranslationResult:
     """Translate `texts` (target-language monolingual text) with the reverse adapter file `adapter`
     into the synthetic corpus `out/train.jsonl`, a chunk at a time, continuing a killed run.
+    `drop_degenerate`: rows whose source `degenerate()` rejects go to `out/dropped.jsonl` instead (the
+    filter applies when the corpus is assembled, so it may change between reruns of one directory).
     `on_chunk(number)` is called after each chunk is on disk."""
     if not texts:
         raise BacktranslationError("no monolingual text to back-translate")
@@ -105,10 +129,11 @@ def backtranslate(model: AdaptedModel, adapter: str | Path, texts: Sequence[str]
     model.load_adapter(adapter, name=name)  # first: a file that does not fit the backbone claims no directory
     try:
         _claim(out, manifest)
-        return _run(model, name, info, texts, out, manifest, batch_size=batch_size, num_beams=num_beams,
-                    max_new_tokens=max_new_tokens, progress=progress, on_chunk=on_chunk)
+        result = _run(model, name, info, texts, out, manifest, batch_size=batch_size, num_beams=num_beams,
+                      max_new_tokens=max_new_tokens, progress=progress, on_chunk=on_chunk)
     finally:
         model.remove_adapter(name)  # the bank as it was found
+    return _assemble(out, manifest, result, max_length_ratio if drop_degenerate else None)
 
 
 def _run(model: AdaptedModel, name: str, info: dict[str, Any], texts: Sequence[str], out: Path,
@@ -146,10 +171,26 @@ def _run(model: AdaptedModel, name: str, info: dict[str, Any], texts: Sequence[s
                 on_chunk(number)
         bar.update(len(lines))
     bar.close()
-    corpus = out / CORPUS
-    write_atomic(corpus, b"".join((chunks / f"{n:05d}.jsonl").read_bytes() for n in range(len(starts))))
-    write_atomic(out / MANIFEST, json.dumps({**manifest, "complete": True}, indent=2).encode() + b"\n")
-    return BacktranslationResult(corpus, len(texts), len(starts), reused, translated)
+    return BacktranslationResult(out / CORPUS, len(texts), len(starts), reused, translated)
+
+
+def _assemble(out: Path, manifest: dict[str, Any], result: BacktranslationResult,
+              max_length_ratio: float | None) -> BacktranslationResult:
+    """train.jsonl from every chunk, in input order; with a ratio, degenerate rows go to dropped.jsonl."""
+    rows = [json.loads(line) for n in range(result.chunks)
+            for line in (out / "chunks" / f"{n:05d}.jsonl").read_text(encoding="utf-8").splitlines()]
+    kept, dropped = [], []
+    for row in rows:
+        reason = degenerate(row["src"], row["tgt"], max_length_ratio) if max_length_ratio is not None else None
+        (kept if reason is None else dropped).append(row if reason is None else {**row, "dropped": reason})
+    write_atomic(out / CORPUS, _jsonl(kept))
+    if max_length_ratio is not None:
+        write_atomic(out / "dropped.jsonl", _jsonl(dropped))
+    record = {**manifest, "complete": True, "corpus_rows": len(kept),
+              "filter": {"drop_degenerate": max_length_ratio is not None, "max_length_ratio": max_length_ratio,
+                         "dropped_rows": len(dropped)}}
+    write_atomic(out / MANIFEST, json.dumps(record, indent=2).encode() + b"\n")
+    return dataclasses.replace(result, dropped_rows=len(dropped))
 
 
 def _hash_lines(texts: Sequence[str]) -> str:
