@@ -110,3 +110,18 @@ class _Recorded:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_train_makes_transformers_own_checkpointing_routing_aware(tmp_path, float64):
+    """A backbone that comes with plain `activation_checkpointing_enable()` trains as one without it, and keeps
+    checkpointing on afterwards."""
+    losses = []
+    for plain_checkpointing in (False, True):
+        model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
+        if plain_checkpointing:
+            model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        losses.append(ak.train(model, "toy", pairs(32, 0), None, max_steps=4,
+                               output_dir=str(tmp_path / str(plain_checkpointing)), **FAST)["train_loss"])
+        assert model.model.is_activation_checkpointing == plain_checkpointing
+    assert losses[1] == pytest.approx(losses[0], rel=1e-9)
+

@@ -145,4 +145,3 @@ def recompute_under_this_routing() -> tuple[contextlib.AbstractContextManager, c
     of this call). The backward may run the recomputation outside the call's scope or in another thread
     (autograd's device threads on GPU), where the context variable would say "no adapter"."""
     return contextlib.nullcontext(), routing_scope(current_routing())
-

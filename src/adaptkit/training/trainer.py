@@ -187,7 +187,10 @@ class Recipe:
                                f"this backbone is {model.family}")
         self.model, self.family, self.tokenizer = model, model.family, model.tokenizer
         self._was_training = model.training  # steps run in train mode; cleanup() gives the mode back
-        if cfg.activation_checkpointing:  # cleanup() turns it off again
+        # cleanup() turns it off again, unless the model came with it on. A model that came with transformers'
+        # own checkpointing gets the routing-aware one: its recomputation would run without the adapter.
+        self._checkpointing_before = bool(getattr(model.model, "is_activation_checkpointing", False))
+        if cfg.activation_checkpointing or self._checkpointing_before:
             model.enable_activation_checkpointing()
 
         # data: pairs → tokens; the prompt (decoder LMs) is part of the recipe, saved with the adapter
@@ -521,7 +524,7 @@ class Recipe:
             AcceleratorState._reset_state()
         if hasattr(self, "model"):
             self.model.train(self._was_training)
-            if self.cfg.activation_checkpointing:
+            if self.cfg.activation_checkpointing and not self._checkpointing_before:
                 self.model.disable_activation_checkpointing()
 
     # -- checkpoints (the file layout is checkpoint.py's) ----------------------------------------
