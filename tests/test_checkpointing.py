@@ -14,7 +14,7 @@ import threading
 
 import pytest
 import torch
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointError, checkpoint
 
 import adaptkit as ak
 from numerics import assert_close_to_rounding, depth_of
@@ -35,10 +35,20 @@ def adapter_gradients(model: ak.AdaptedModel, arch: str, adapter: list[str | Non
     model.train()
     torch.manual_seed(0)
     loss = model(**batch, labels=labels, adapter=adapter).loss
-    worker = threading.Thread(target=loss.backward)
+    failed: list[BaseException] = []
+
+    def backward() -> None:
+        try:
+            loss.backward()
+        except BaseException as error:  # noqa: BLE001 — handed to the test's thread below
+            failed.append(error)
+
+    worker = threading.Thread(target=backward)
     worker.start()
     worker.join()
     model.eval()
+    if failed:
+        raise failed[0]
     # a parameter the backward never reached has no gradient: zero, as far as the comparison goes
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in model.adapter_parameters("a")])
@@ -58,10 +68,14 @@ def test_gradients_with_checkpointing_equal_those_without(arch, method, float64)
     try:
         actual = adapter_gradients(model, arch, routing)
         assert_close_to_rounding(actual, expected, 2 * depth_of(model), f"{arch}/{method}")
-        # the same with torch's plain checkpointing: the recomputation in the new thread sees no routing
+        # the same with torch's plain checkpointing: the recomputation in the new thread sees no routing, and
+        # either torch notices (it saved other tensors than the forward did) or the gradients are wrong
         model.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        unrouted = adapter_gradients(model, arch, routing)
-        assert (unrouted - expected).abs().max() > 1e-3 * expected.abs().max(), "the test cannot tell"
+        try:
+            unrouted = adapter_gradients(model, arch, routing)
+            assert (unrouted - expected).abs().max() > 1e-3 * expected.abs().max(), "the test cannot tell"
+        except CheckpointError:
+            pass
     finally:
         model.disable_activation_checkpointing()
     assert not any(getattr(m, "gradient_checkpointing", False) for m in model.model.modules())
