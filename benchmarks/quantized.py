@@ -1,4 +1,4 @@
-"""Quantised backbones under adapters: float32 vs int8 (vs bfloat16) on gemma3-270m, per adapter family.
+"""Quantised backbones under adapters: float32 vs int8 and nf4 (vs bfloat16) on gemma3-270m, per adapter family.
 
     python benchmarks/quantized.py --library-only       # part 1 alone (no real weights: no lock needed)
     flock /tmp/realrun.lock python benchmarks/quantized.py   # gemma3-270m (part 1 reused if already in the JSON)
@@ -19,10 +19,11 @@ What it measures, in one process (ratios within one run: the box is shared):
    parameters, stays as it is — and is tied to the output head, which also stays).
 4. chrF of each family on the shipped test split (greedy, at most `--max-new-tokens`): LoRA on
    `--sentences` (200, the whole split), the other families on the first `--family-sentences` (64: a
-   2-core CPU generates ~1 sentence a second), int8 against float32 with a paired bootstrap interval
-   of the difference; the generation's wall and CPU seconds per sentence.
+   2-core CPU generates ~1 sentence a second), int8 and nf4 (bitsandbytes, when installed) against
+   float32 with a paired bootstrap interval of the difference; the generation's wall and CPU seconds
+   per sentence.
 5. Decode latency: one batch of 8 prompts, exactly 32 new tokens, bare and with LoRA, float32 / int8 /
-   bfloat16 interleaved over rounds (bfloat16 only where the CPU has avx512_bf16 or AMX).
+   nf4 / bfloat16 interleaved over rounds (bfloat16 only where the CPU has avx512_bf16 or AMX).
 6. Adapter training over the int8 backbone (QLoRA-style): a LoRA trained `--steps` steps there, its dev
    loss before and after, and seconds per step against the float32 LoRA's.
 
@@ -61,6 +62,7 @@ FAMILIES = {  # the demo's settings for LoRA and bottleneck; AdaLoRA and prefix 
     "prefix": (lambda steps: ak.Prefix(length=16), 1e-2),
     "bottleneck": (lambda steps: ak.Bottleneck(reduction=8, placement="pfeiffer"), 2e-3),
 }
+CHRF_KEYS = {"int8": "chrf", "nf4": "chrf_nf4"}  # result key of each quantised backbone's chrF comparison
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -259,6 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "family_sentences": args.family_sentences,
         "max_new_tokens": args.max_new_tokens, "torch_threads": torch.get_num_threads(),
         "provenance": {"git": _git_head(), "torch": torch.__version__, "torchao": _version("torchao"),
+                       "bitsandbytes": _version("bitsandbytes"),
                        "python": platform.python_version(), "platform": platform.platform(),
                        "bf16_cpu": bf16_supported()},
     }
@@ -284,6 +287,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     models: dict[str, ak.AdaptedModel] = {}
     result["memory"], result["translations"] = {}, {}
     variants = {"float32": {}, "int8": {"quantize": "int8"}}
+    if _version("bitsandbytes") != "not installed":
+        variants["nf4"] = {"quantize": "nf4"}
     if bf16_supported():
         variants["bfloat16"] = {"dtype": torch.bfloat16}
     for name, kwargs in variants.items():
@@ -296,13 +301,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"translating on {name} ...", flush=True)
         result["translations"][name] = translate_all(model, work, rows, args.max_new_tokens)
         save()
-    result["chrf"] = {}
-    for family in FAMILIES:
-        fp, q = (result["translations"][v][family]["hypotheses"] for v in ("float32", "int8"))
-        gain = paired_bootstrap(fp, q, [r["tgt"] for r in rows[family]], "chrf")
-        result["chrf"][family] = {"float32": gain.a, "int8": gain.b, "difference": gain.gain, "low": gain.low,
-                                  "high": gain.high, "sentences": gain.sentences,
-                                  "identical_outputs": sum(a == b for a, b in zip(fp, q)) / len(fp)}
+    for variant, key in CHRF_KEYS.items():  # each quantised backbone against float32, family by family
+        if variant not in result["translations"]:
+            continue
+        result[key] = {}
+        for family in FAMILIES:
+            fp, q = (result["translations"][v][family]["hypotheses"] for v in ("float32", variant))
+            gain = paired_bootstrap(fp, q, [r["tgt"] for r in rows[family]], "chrf")
+            result[key][family] = {"float32": gain.a, variant: gain.b, "difference": gain.gain, "low": gain.low,
+                                   "high": gain.high, "sentences": gain.sentences,
+                                   "identical_outputs": sum(a == b for a, b in zip(fp, q)) / len(fp)}
     save()
     print("decode latency ...", flush=True)
     result["decode_latency"] = decode_latency(models, test, args.rounds)
@@ -360,20 +368,23 @@ def render(r: dict[str, Any]) -> str:
             lines.append(f"| {name} | {m['backbone_bytes'] / 2**20:.0f} MiB | {m['linear_bytes'] / 2**20:.0f} MiB | "
                          f"{q['library'] + ' ' + q['method'] if q else '—'} |")
         lines.append("")
-    chrf = r.get("chrf")
-    if chrf:
-        trans = r["translations"]
-        lines += [f"## 3. chrF per family on the test split ({SAMPLE}, greedy, ≤{r['max_new_tokens']} new "
-                  f"tokens), adapters trained {r['steps']} steps (batch 8) on the float32 backbone", "",
-                  "| family | sentences | float32 | int8 | int8 − float32 (95% paired bootstrap) | identical outputs "
-                  "| s/sentence fp32 → int8 (wall) | CPU s/sentence fp32 → int8 |", "|---|---|---|---|---|---|---|---|"]
+    for variant, key in CHRF_KEYS.items():
+        chrf = r.get(key)
+        if not chrf:
+            continue
+        trans, v = r["translations"], variant
+        lines += [f"## 3{'' if v == 'int8' else 'b'}. chrF per family on the test split ({SAMPLE}, greedy, "
+                  f"≤{r['max_new_tokens']} new tokens), {v} against float32, adapters trained {r['steps']} steps "
+                  "(batch 8) on the float32 backbone", "",
+                  f"| family | sentences | float32 | {v} | {v} − float32 (95% paired bootstrap) | identical outputs "
+                  f"| s/sentence fp32 → {v} (wall) | CPU s/sentence fp32 → {v} |", "|---|---|---|---|---|---|---|---|"]
         for family, c in chrf.items():
-            f32, i8 = trans["float32"][family], trans["int8"][family]
-            lines.append(f"| {family} | {c['sentences']} | {c['float32']:.1f} | {c['int8']:.1f} | "
+            f32, q = trans["float32"][family], trans[v][family]
+            lines.append(f"| {family} | {c['sentences']} | {c['float32']:.1f} | {c[v]:.1f} | "
                          f"{c['difference']:+.2f} ({c['low']:+.2f} … {c['high']:+.2f}) | "
                          f"{100 * c['identical_outputs']:.0f}% | "
-                         f"{f32['wall_seconds_per_sentence']:.2f} → {i8['wall_seconds_per_sentence']:.2f} | "
-                         f"{f32['cpu_seconds_per_sentence']:.2f} → {i8['cpu_seconds_per_sentence']:.2f} |")
+                         f"{f32['wall_seconds_per_sentence']:.2f} → {q['wall_seconds_per_sentence']:.2f} | "
+                         f"{f32['cpu_seconds_per_sentence']:.2f} → {q['cpu_seconds_per_sentence']:.2f} |")
         lines.append("")
     lat = r.get("decode_latency")
     if lat:
