@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -55,25 +56,33 @@ def logits(model: ak.AdaptedModel, arch: str, adapter=None) -> torch.Tensor:
     return out[batch["attention_mask"].bool()]
 
 
-def pair(arch: str, method: str, tmp_path) -> tuple[ak.AdaptedModel, ak.AdaptedModel]:
-    """The float32 backbone with a random adapter, and the int8 backbone with that adapter loaded from its file."""
+def pair(arch: str, method: str, tmp_path, scheme: str = "int8") -> tuple[ak.AdaptedModel, ak.AdaptedModel]:
+    """The float32 backbone with a random adapter, and the `scheme` backbone with that adapter loaded from its file."""
     fp = ak.AdaptedModel(tiny_model(arch))
     randomized(fp, "a", CONFIGS[method](), seed=0)
     path = fp.save_adapter("a", tmp_path / "a.safetensors")
-    q = ak.AdaptedModel(tiny_model(arch), quantize="int8")
+    q = ak.AdaptedModel(tiny_model(arch), quantize=scheme)
     q.load_adapter(path)
     return fp, q
 
 
-def dequantised_float64(q: ak.AdaptedModel, arch: str) -> ak.AdaptedModel:
-    """The backbone `q` computes, in float64: every int8 weight replaced by its dequantised values (exact in
-    float64), everything else as loaded; the same adapter, converted to float64 too."""
+def torchao_int8_weight(layer: nn.Module | None) -> torch.Tensor | None:
+    """A torchao int8 layer's weight, dequantised; None for any other module."""
+    weight = getattr(layer, "weight", None)
+    return weight.dequantize() if isinstance(weight, Int8Tensor) else None
+
+
+def dequantised_float64(q: ak.AdaptedModel, arch: str,
+                        dequantise: Callable[[nn.Module | None], torch.Tensor | None] = torchao_int8_weight
+                        ) -> ak.AdaptedModel:
+    """The backbone `q` computes, in float64: every quantised weight replaced by its dequantised values
+    (`dequantise` of the layer; exact in float64), everything else as loaded; the same adapter, in float64 too."""
     model = tiny_model(arch).double()
     quantised = dict(q.model.named_modules())
     for name, module in model.named_modules():
-        weight = getattr(quantised.get(name), "weight", None)
-        if isinstance(weight, Int8Tensor):
-            module.weight = nn.Parameter(weight.dequantize().double(), requires_grad=False)
+        weight = dequantise(quantised.get(name))
+        if weight is not None:
+            module.weight = nn.Parameter(weight.double(), requires_grad=False)
     reference = ak.AdaptedModel(model)
     reference.add_adapter("a", q.get_adapter("a").config)
     with torch.no_grad():

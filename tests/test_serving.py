@@ -252,7 +252,6 @@ def test_generate_route_prompts_by_task(service):
     assert_error(no_task, 422, "no_task")
 
 
-
 def sse_events(text: str) -> list[tuple[str, dict]]:
     """(event name, data) of a server-sent event stream; unnamed events are 'message'."""
     events = []

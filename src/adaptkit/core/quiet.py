@@ -22,12 +22,10 @@ def _drop_enum_registration(record: logging.LogRecord) -> bool:
     return "is an Enum subclass and is now natively supported" not in record.getMessage()
 
 
-logging.getLogger("torchao").addFilter(_drop_torchao_cuda_kernels)
-logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_registration)
-
-
 def _drop_unused_bitsandbytes_kernel(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
 
 
+logging.getLogger("torchao").addFilter(_drop_torchao_cuda_kernels)
+logging.getLogger("torch.utils._pytree").addFilter(_drop_enum_registration)
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_unused_bitsandbytes_kernel)
