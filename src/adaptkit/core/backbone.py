@@ -74,6 +74,20 @@ def freeze(model: nn.Module) -> None:
     model.eval()
 
 
+def contiguous_head_input(model: nn.Module) -> None:
+    """Give the output layer a contiguous input. `generate` keeps one position per row (`logits_to_keep`), a
+    strided slice of the last hidden states, and torch runs a linear layer on such a 3-D input as a batched
+    matmul over a broadcast weight: for gemma3's 262k-row output layer on a CPU, 32 rows take 1.35 s
+    instead of 0.19 s. The copy is one hidden vector per row."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Module) and contiguous_inputs not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(contiguous_inputs)
+
+
+def contiguous_inputs(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 def fingerprint(model: nn.Module) -> dict[str, Any]:
     """Architecture, a hash of every tensor's name and shape, and sampled values of a few weights."""
     state = model.state_dict()

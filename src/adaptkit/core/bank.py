@@ -22,7 +22,7 @@ from torch import nn
 from adaptkit.core.adapterfile import ROUTING_KEYS, AdapterStore, read_adapter_file, write_adapter_file
 from adaptkit.core.arch import Arch
 from adaptkit.core.backbone import check_backbone as check_backbone_fn
-from adaptkit.core.backbone import fingerprint, freeze, load_pretrained
+from adaptkit.core.backbone import contiguous_head_input, fingerprint, freeze, load_pretrained
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.quantize import quantize_backbone
 from adaptkit.core.registry import adapter_class_for
@@ -64,6 +64,7 @@ class AdaptedModel(nn.Module):
         # float backbone loads on the quantised one and back; the quantisation is recorded beside it.
         backbone_fingerprint = fingerprint(model)
         self.quantization = quantize_backbone(model, quantize) if quantize is not None else None
+        contiguous_head_input(model)
         self.model = model
         self.tokenizer = tokenizer
         self.backbone_id = backbone_id or getattr(model.config, "_name_or_path", "") or type(model).__name__

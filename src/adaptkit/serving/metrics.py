@@ -31,11 +31,13 @@ class ServeMetrics:
         self.latency = Histogram("adaptkit_request_seconds", "Request latency, arrival to response", ["route"],
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("adaptkit_queue_depth", "Rows waiting to be scheduled", registry=r)
-        self.batch_rows = Histogram("adaptkit_batch_rows", "Rows per generate call",
+        self.batch_rows = Histogram("adaptkit_batch_rows", "Rows per generate call or continuous decoding step",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
-        self.batch_adapters = Histogram("adaptkit_batch_adapters", "Distinct adapters per generate call",
+        self.batch_adapters = Histogram("adaptkit_batch_adapters",
+                                        "Distinct adapters per generate call or continuous decoding step",
                                         buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
-        self.batch_seconds = Histogram("adaptkit_batch_seconds", "Seconds per generate call",
+        self.batch_seconds = Histogram("adaptkit_batch_seconds",
+                                       "Seconds per generate call or continuous decoding step",
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.resident = Gauge("adaptkit_resident_adapters", "Adapters resident in the bank now", registry=r)
         self.resident_peak = Gauge("adaptkit_resident_adapters_peak", "Most adapters seen resident at once",

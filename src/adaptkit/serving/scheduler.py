@@ -33,6 +33,7 @@ from adaptkit.serving.settings import ApiError, ServeSettings
 from adaptkit.serving.work import BatchRunner, Job, Row
 
 if TYPE_CHECKING:
+    from adaptkit.serving.continuous import ContinuousBatch, DecodingRow
     from adaptkit.serving.metrics import ServeMetrics
 
 T = TypeVar("T")
@@ -46,7 +47,7 @@ class Scheduler:
         self.catalog = catalog
         self.settings = settings
         self.metrics = metrics
-        self.runner = BatchRunner(model, settings.max_batch)
+        self.runner = BatchRunner(model, settings.max_batch, settings.continuous)
         self._cond = threading.Condition()
         self._pending: list[Row] = []
         self._in_batch: frozenset[str] = frozenset()  # adapters of the batch now running
@@ -97,6 +98,9 @@ class Scheduler:
     # -- the event loop's side -------------------------------------------------------------------
     def submit(self, job: Job, rows: Sequence[Row]) -> None:
         """Queue a request's rows, or refuse the whole request when the queue cannot take them all."""
+        for row in rows:  # tokenized here, on the event loop, not in the worker between decoding steps
+            if self.runner.continuous(row.key):
+                row.decoding = self.runner.decoding_row(row)
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the service is shutting down; retry elsewhere")
@@ -134,24 +138,24 @@ class Scheduler:
                 batch = self._next_batch()
             if batch is None:
                 return
-            self._run(batch)
+            if batch[0].decoding is not None:
+                self._decode_continuously(batch)
+            else:
+                self._run(batch)
 
     def _next_batch(self) -> list[Row] | None:
         """Block until a batch is due; called with the lock held."""
         settings = self.settings
         while not self._stopping:
-            self._pending = [row for row in self._pending if not (row.job.done or row.job.cancelled)]
+            ready = self._ready()
             if not self._pending:
                 self._cond.wait()
                 continue
-            resident = set(self.model.adapters) - self._evicting
-            self._want_loads(resident)
-            ready = [row for row in self._pending if row.adapter is None or row.adapter in resident]
             if not ready:
                 self._cond.wait(0.1)  # the loader notifies when a load ends
                 continue
             head = ready[0]
-            same = [row for row in ready if row.key == head.key]
+            same = [row for row in ready if _batchable(row, head)]
             if len(same) < settings.max_batch:
                 left = head.arrived + settings.max_wait_ms / 1000 - time.monotonic()
                 if left > 0:
@@ -161,20 +165,35 @@ class Scheduler:
             if not batch:  # every ready adapter is over the limit while a load holds a slot
                 self._cond.wait(0.1)
                 continue
-            taken = set(map(id, batch))
-            self._pending = [row for row in self._pending if id(row) not in taken]
+            self._dequeue(batch)
             self._in_batch = frozenset(names)
             return batch
         return None
 
-    def _take(self, same: list[Row]) -> tuple[list[Row], list[str]]:
+    def _ready(self) -> list[Row]:
+        """With the lock held: drop rows of finished or cancelled requests, ask for the loads waiting rows need,
+        and return the rows whose adapters are resident, oldest first."""
+        self._pending = [row for row in self._pending if not (row.job.done or row.job.cancelled)]
+        resident = set(self.model.adapters) - self._evicting
+        self._want_loads(resident)
+        return [row for row in self._pending if row.adapter is None or row.adapter in resident]
+
+    def _dequeue(self, rows: list[Row]) -> None:
+        taken = set(map(id, rows))
+        self._pending = [row for row in self._pending if id(row) not in taken]
+
+    def _take(self, same: list[Row], running: frozenset[str] = frozenset(), room: int | None = None
+              ) -> tuple[list[Row], list[str]]:
+        """Rows in arrival order, up to `room`, without passing the adapter limit; `running`: adapters of rows
+        already decoding, which count towards it."""
         limit = self.settings.max_adapters_per_batch or self.settings.max_batch
         if self.model.max_resident is not None:
             limit = min(limit, self.model.max_resident - self._reserved)
-        names: list[str] = []
+        room = self.settings.max_batch if room is None else room
+        names: list[str] = list(running)
         batch: list[Row] = []
         for row in same:
-            if len(batch) >= self.settings.max_batch:
+            if len(batch) >= room:
                 break
             if row.adapter is not None and row.adapter not in names:
                 if len(names) >= limit:
@@ -203,10 +222,8 @@ class Scheduler:
             with self.model.using(routes):  # pins the batch's adapters until generate returns
                 self._observe_residency()
                 texts = self.runner.run(key, batch)
-        except AdapterError as exc:
-            error = ApiError(500, "adapter_failed", f"the batch could not run its adapters: {exc}")
         except Exception as exc:  # noqa: BLE001 — one bad batch must not kill the worker
-            error = ApiError(500, "internal_error", f"generation failed: {type(exc).__name__}: {exc}")
+            error = _batch_error(exc)
         seconds = time.perf_counter() - started
         if self.metrics is not None:  # before the answers go out: a client that reads /metrics next sees this batch
             self.metrics.batch_rows.observe(len(batch))
@@ -228,6 +245,99 @@ class Scheduler:
                     job.set_rows(indices, outputs, seconds)
             self._in_batch = frozenset()
             self._cond.notify_all()
+
+    # -- continuous batching (serving/continuous.py) -----------------------------------------------
+    def _decode_continuously(self, first: list[Row]) -> None:
+        """Run the engine until it is empty: waiting rows join between its steps, finished rows answer at once.
+
+        Rows stop joining while the oldest waiting row cannot join (a beam search, say): the engine then
+        drains within max_new_tokens steps and that row runs next."""
+        engine = self.runner.engine
+        assert engine is not None
+        joining = first
+        try:
+            while True:
+                if joining:
+                    self._join(engine, joining)
+                gone = [d for d in engine.rows if d.tag.job.done or d.tag.job.cancelled]
+                engine.remove(gone)  # their clients went away, or another of their rows failed
+                if not len(engine):
+                    return
+                if self._stopping:
+                    self._fail_running(engine, ApiError(503, "shutting_down", "the service is shutting down; "
+                                                        "retry elsewhere"))
+                    return
+                rows, adapters, started = len(engine), len(engine.adapters), time.perf_counter()
+                try:
+                    finished = engine.step()
+                except Exception as exc:  # noqa: BLE001 — one bad step must not kill the worker
+                    self._fail_running(engine, _batch_error(exc))
+                    return
+                if self.metrics is not None:
+                    self.metrics.batch_rows.observe(rows)
+                    self.metrics.batch_adapters.observe(adapters)
+                    self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                self._deliver(finished)
+                with self._cond:
+                    joining = self._joiners(engine)
+        finally:
+            engine.close()
+            with self._cond:
+                self._in_batch = frozenset()
+                self._cond.notify_all()
+
+    def _joiners(self, engine: ContinuousBatch) -> list[Row]:
+        """With the lock held: the waiting rows that join the engine at its next step, off the queue."""
+        ready = self._ready()
+        batch: list[Row] = []
+        names = list(engine.adapters)
+        if not self._stopping and ready and ready[0].decoding is not None:
+            candidates = [row for row in ready if row.decoding is not None]
+            batch, names = self._take(candidates, engine.adapters, self.settings.max_batch - len(engine))
+            self._dequeue(batch)
+        self._in_batch = frozenset(names)
+        return batch
+
+    def _join(self, engine: ContinuousBatch, rows: list[Row]) -> None:
+        started = time.perf_counter()
+        with self._cond:
+            self.batches_run += 1  # a join counts as a batch: its rows are prefilled together
+            for job in {id(row.job): row.job for row in rows}.values():
+                job.started_batch(started)
+        try:
+            finished = engine.add([row.decoding for row in rows if row.decoding is not None])
+        except Exception as exc:  # noqa: BLE001 — the newcomers fail; the running rows go on
+            with self._cond:
+                for row in rows:
+                    if not row.job.done:
+                        row.job.fail(_batch_error(exc))
+            return
+        self._deliver(finished)
+
+    def _deliver(self, finished: list[DecodingRow]) -> None:
+        """Answer the finished rows; a request's compute time is from its first row's join to now."""
+        if not finished:
+            return
+        texts = [self.runner.text_of(row) for row in finished]
+        now = time.perf_counter()
+        with self._cond:
+            by_job: dict[int, tuple[Job, list[int], list[str]]] = {}
+            for decoding, text in zip(finished, texts):
+                row = decoding.tag
+                entry = by_job.setdefault(id(row.job), (row.job, [], []))
+                entry[1].append(row.index)
+                entry[2].append(text)
+            for job, indices, outputs in by_job.values():
+                if not job.done:
+                    job.set_rows(indices, outputs, now - (job.first_batch or now) - job.compute_seconds)
+            self._cond.notify_all()
+
+    def _fail_running(self, engine: ContinuousBatch, error: ApiError) -> None:
+        with self._cond:
+            for decoding in engine.rows:
+                if not decoding.tag.job.done:
+                    decoding.tag.job.fail(error)
+        engine.remove(list(engine.rows))
 
     # -- the loader thread -----------------------------------------------------------------------
     def _load_loop(self) -> None:
@@ -363,3 +473,16 @@ class Scheduler:
             if by_bank:
                 self.metrics.evictions.inc(len(by_bank))
             self.metrics.resident_peak.set(peak)
+
+
+def _batchable(row: Row, head: Row) -> bool:
+    """Rows that may share a batch with `head`: any two rows of the continuous engine, else equal keys."""
+    if (row.decoding is None) != (head.decoding is None):
+        return False
+    return row.decoding is not None or row.key == head.key
+
+
+def _batch_error(exc: Exception) -> ApiError:
+    if isinstance(exc, AdapterError):
+        return ApiError(500, "adapter_failed", f"the batch could not run its adapters: {exc}")
+    return ApiError(500, "internal_error", f"generation failed: {type(exc).__name__}: {exc}")

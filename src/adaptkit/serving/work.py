@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from adaptkit.core.bank import AdaptedModel
+from adaptkit.serving.continuous import ContinuousBatch, DecodingRow, unsupported
 from adaptkit.serving.settings import ApiError
 from adaptkit.tasks.generate import Generator
 from adaptkit.tasks.translate import Translator
@@ -41,6 +42,7 @@ class Row:
     tgt_lang: str | None = None
     task: str | None = None  # generate rows: translate | style | dialogue (the prompt the adapter was trained with)
     arrived: float = field(default_factory=time.monotonic)
+    decoding: DecodingRow | None = None  # set when the row runs in the continuous batch
 
 
 class Job:
@@ -94,14 +96,34 @@ class Job:
 
 class BatchRunner:
     """Rows of one key → one generate call with one adapter entry per row: `Translator` for translations
-    (prompt by language pair), `Generator` for the rest (prompt by each row's task)."""
+    (prompt by language pair), `Generator` for the rest (prompt by each row's task).
 
-    def __init__(self, model: AdaptedModel, max_batch: int):
+    Greedy translations on a decoder backbone instead join `engine`, a continuous batch (when `continuous`):
+    `decoding_row` makes a row the engine can run and `text_of` reads its answer."""
+
+    def __init__(self, model: AdaptedModel, max_batch: int, continuous: bool = True):
         if model.tokenizer is None:
             raise ApiError(500, "no_tokenizer", "the backbone was loaded without a tokenizer; the service needs one")
         self.model = model
         self.translator = Translator(model, batch_size=max_batch)
         self.generator = Generator(model, batch_size=max_batch)
+        self.engine = ContinuousBatch(model) if continuous and unsupported(model) is None else None
+        self._stop_rule = self.translator.stop_rule()
+
+    def continuous(self, key: BatchKey) -> bool:
+        """Whether rows of this key run in the continuous batch (whatever their max_new_tokens)."""
+        return self.engine is not None and key.kind == "translate" and key.num_beams == 1
+
+    def decoding_row(self, row: Row) -> DecodingRow | None:
+        """The engine's form of a translation row; None when it would outgrow a sliding window (then it runs
+        in a generate call, as a static batch)."""
+        assert self.engine is not None
+        prompt = self.translator.prompt_ids(row.text, row.src_lang or "", row.tgt_lang or "")
+        decoding = DecodingRow(prompt, row.adapter, row.key.max_new_tokens, self._stop_rule, tag=row)
+        return decoding if self.engine.fits(decoding) else None
+
+    def text_of(self, row: DecodingRow) -> str:
+        return self.translator.text_of(row.tokens)
 
     def run(self, key: BatchKey, rows: Sequence[Row]) -> list[str]:
         adapters = [row.adapter for row in rows]

@@ -12,7 +12,7 @@ domain would. `translate_detailed` says per row what was predicted, how sure, an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
-from adaptkit.data import PromptFormat, decode_generated, prompt_inputs
+from adaptkit.data import PromptFormat, decode_generated, encode_decoder_example, prompt_inputs
 from adaptkit.tasks.classify import Classifier
 
 AUTO = "auto"  # domain="auto": predicted per row by the domain classifier
@@ -128,6 +128,23 @@ class Translator:
             out.extend(self._first_line(text) for text in decoded)
         return [Translation(text, routes[i], domains[i], *predicted.get(i, (None, None))) for i, text in enumerate(out)]
 
+    # -- one row at a time, for continuous batching (serving/continuous.py) ---------------------------
+    def prompt_ids(self, text: str, src_lang: str, tgt_lang: str) -> list[int]:
+        """The unpadded prompt `translate` gives a decoder backbone for one row."""
+        return encode_decoder_example(self.model.tokenizer, text, None, src_lang, tgt_lang,
+                                      self.prompt or PromptFormat(), self.max_source_len)[0]["input_ids"]
+
+    def stop_rule(self) -> Callable[[list[int]], bool] | None:
+        """What ends a row besides eos and its budget, on the ids it has written (as `translate` stops it)."""
+        if not self._one_line():
+            return None
+        tokenizer = self.model.tokenizer
+        return lambda ids: line_written(tokenizer.decode(ids, skip_special_tokens=True))
+
+    def text_of(self, ids: Sequence[int]) -> str:
+        """A row's written ids → its translation, tidied as `translate` tidies it."""
+        return self._first_line(self.model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+
     def _one_line(self) -> bool:
         """A decoder prompted for a one-line target is done at the first newline (a bare base model
         otherwise keeps writing until max_new_tokens: slow, and unfair to its score)."""
@@ -180,7 +197,12 @@ class LineDone(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor(["\n" in text.lstrip() for text in texts], device=input_ids.device)
+        return torch.tensor([line_written(text) for text in texts], device=input_ids.device)
+
+
+def line_written(text: str) -> bool:
+    """A one-line answer is complete: a newline after something other than leading whitespace."""
+    return "\n" in text.lstrip()
 
 
 def _per_row(value: Any, n: int) -> list:

@@ -1,0 +1,250 @@
+"""Continuous batching: rows that join and leave a running batch decode exactly as each row alone.
+
+The reference for every row is `model.generate` on that row alone (greedy, no padding). Rows of all
+four adapter families, bare rows and a stacked row join at seeded random steps and leave when done;
+the scheduler runs greedy translations in the engine and everything else (beams, rows too long for
+a sliding window) in generate calls, with the same answers either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from unittest import mock
+
+import pytest
+import torch
+import transformers as tf
+
+import adaptkit as ak
+from adaptkit.serving.catalog import AdapterCatalog
+from adaptkit.serving.continuous import ContinuousBatch, DecodingRow, unsupported
+from adaptkit.serving.scheduler import Scheduler
+from adaptkit.serving.settings import ServeSettings
+from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.tasks.translate import Translator
+from test_train import tiny_tokenizer
+from tiny import SMALL, VOCAB, tiny_model
+
+FAMILIES = {"lora": ak.LoRA(r=4, targets="all-linear"), "adalora": ak.AdaLoRA(init_r=4, target_r=2, total_steps=10),
+            "prefix": ak.Prefix(length=3), "bottleneck": ak.Bottleneck(reduction=4, placement="houlsby")}
+
+
+def gemma3(sliding_window: int) -> torch.nn.Module:
+    """tiny.py's gemma3 with a chosen sliding window (tiny.py's is 4 tokens: too short for any row here)."""
+    torch.manual_seed(0)
+    config = tf.Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
+                                 sliding_window=sliding_window,
+                                 layer_types=["sliding_attention", "sliding_attention", "full_attention"], **SMALL)
+    return tf.Gemma3ForCausalLM(config).eval()
+
+
+def with_adapters(backbone: torch.nn.Module, tokenizer=None) -> ak.AdaptedModel:
+    model = ak.AdaptedModel(backbone, tokenizer)
+    generator = torch.Generator().manual_seed(5)
+    for name, config in FAMILIES.items():
+        model.add_adapter(name, config)
+        with torch.no_grad():
+            for parameter in model.adapter_parameters(name):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    return model
+
+
+def alone(model: ak.AdaptedModel, row: DecodingRow) -> list[int]:
+    """The row decoded by itself through generate: its written ids up to and with eos."""
+    ids = torch.tensor([list(row.prompt)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), adapter=row.adapter, do_sample=False,
+                         num_beams=1, max_new_tokens=row.max_new_tokens, pad_token_id=SMALL["pad_token_id"])
+    written = out[0, ids.shape[1]:].tolist()
+    eos = model.model.generation_config.eos_token_id
+    return written[: written.index(eos) + 1] if eos in written else written
+
+
+def with_frequent_eos(model: ak.AdaptedModel, rows: list[DecodingRow]) -> int:
+    """Make the token these rows write most often (after their first) the end of sequence, so that some rows
+    stop at eos and others run out of budget, whatever the random weights prefer."""
+    model.model.generation_config.eos_token_id = None
+    written = [token for row in rows[:8] for token in alone(model, row)[1:]]
+    eos = max(set(written), key=written.count)
+    model.model.generation_config.eos_token_id = eos
+    return eos
+
+
+def random_rows(rng: random.Random, n: int, max_tokens: int) -> list[DecodingRow]:
+    routes = [*FAMILIES, None, ("lora", "bottleneck")]
+    rows = []
+    for i in range(n):
+        prompt_length = rng.randint(2, max_tokens // 2)
+        prompt = [SMALL["bos_token_id"]] + [rng.randrange(3, VOCAB) for _ in range(prompt_length - 1)]
+        rows.append(DecodingRow(prompt, routes[i % len(routes)], rng.randint(1, max_tokens - prompt_length)))
+    return rows
+
+
+def run_joining_at_random(engine: ContinuousBatch, rows: list[DecodingRow], rng: random.Random) -> list[DecodingRow]:
+    """Rows join a few at a time between steps until all are done; returns them in finishing order."""
+    waiting, finished = list(rows), []
+    while waiting or len(engine):
+        count = rng.randint(0, 4)
+        joining, waiting = waiting[:count], waiting[count:]
+        if joining:
+            finished += engine.add(joining)
+        finished += engine.step()
+        if engine.max_row_tokens is not None:
+            assert engine.mask.shape[1] <= engine.max_row_tokens
+    return finished
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "gemma3"])
+def test_rows_joining_and_leaving_decode_as_each_row_alone(arch):
+    backbone = gemma3(sliding_window=64) if arch == "gemma3" else tiny_model(arch)
+    model = with_adapters(backbone)
+    rng = random.Random(7)
+    rows = random_rows(rng, 30, max_tokens=40)
+    eos = with_frequent_eos(model, rows)
+    expected = [alone(model, row) for row in rows]
+    engine = ContinuousBatch(model)
+    finished = run_joining_at_random(engine, rows, rng)
+    assert sorted(map(id, finished)) == sorted(map(id, rows)) and len(engine) == 0
+    assert [row.tokens for row in rows] == expected
+    stopped_at_eos = [len(t) < row.max_new_tokens for t, row in zip(expected, rows)]
+    assert any(stopped_at_eos) and not all(stopped_at_eos)  # rows left at different steps, for both reasons
+    assert all(tokens[-1] == eos for tokens, early in zip(expected, stopped_at_eos) if early)
+
+
+def test_rows_near_the_sliding_window_compact_the_cache_and_stay_exact():
+    """Rows that use nearly the whole window: after rows leave, the columns nobody needs are dropped
+    before the cache would pass the window."""
+    model = with_adapters(gemma3(sliding_window=24))
+    rng = random.Random(3)
+    rows = random_rows(rng, 24, max_tokens=23)
+    with_frequent_eos(model, rows)
+    expected = [alone(model, row) for row in rows]
+    engine = ContinuousBatch(model)
+    assert engine.max_row_tokens == 23
+    with mock.patch.object(engine, "_merge", wraps=engine._merge) as merge:
+        run_joining_at_random(engine, rows, rng)
+    assert any(call.args == ([],) for call in merge.call_args_list)  # a compaction happened
+    assert [row.tokens for row in rows] == expected
+
+
+def test_a_removed_row_leaves_the_others_exact():
+    model = with_adapters(tiny_model("llama"))
+    rows = random_rows(random.Random(4), 8, max_tokens=40)
+    for row in rows:
+        row.max_new_tokens = 30
+    model.model.generation_config.eos_token_id = None  # every row runs its whole budget
+    expected = [alone(model, row)[:30] for row in rows]
+    engine = ContinuousBatch(model)
+    engine.add(rows)
+    for _ in range(3):
+        engine.step()
+    engine.remove([rows[2], rows[5]])  # their clients went away
+    while len(engine):
+        engine.step()
+    assert [rows[2].tokens, rows[5].tokens] == [expected[2][:4], expected[5][:4]]
+    assert [row.tokens for i, row in enumerate(rows) if i not in (2, 5)] == [
+        tokens for i, tokens in enumerate(expected) if i not in (2, 5)]
+
+
+def test_a_row_that_would_pass_the_sliding_window_is_refused_with_the_reason():
+    engine = ContinuousBatch(with_adapters(tiny_model("gemma3")))  # tiny.py's gemma3: a 4-token window
+    row = DecodingRow([1, 5, 6], "lora", 4)
+    assert not engine.fits(row) and engine.fits(DecodingRow([1], "lora", 2))
+    with pytest.raises(ValueError, match="sliding window"):
+        engine.add([row])
+    assert len(engine) == 0
+
+
+def test_backbones_greedy_search_cannot_copy_say_why():
+    assert "decoder-only" in unsupported(ak.AdaptedModel(tiny_model("marian")))
+    model = ak.AdaptedModel(tiny_model("llama"))
+    model.model.generation_config.repetition_penalty = 1.3
+    assert "repetition_penalty=1.3" in unsupported(model)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        ContinuousBatch(model)
+
+
+def test_output_layer_gets_a_contiguous_input():
+    """generate keeps the last position per row, a strided slice: torch runs a linear layer on one as a
+    batched matmul over a broadcast weight (7x slower for gemma3-270m's output layer); the bank hands it
+    a contiguous copy."""
+    model = ak.AdaptedModel(tiny_model("llama"))
+    seen = []
+    model.model.get_output_embeddings().register_forward_pre_hook(
+        lambda _module, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(3, VOCAB, (3, 6))
+    model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert seen and all(seen)
+
+
+# -- in the scheduler ------------------------------------------------------------------------------
+
+def scheduler_over(model: ak.AdaptedModel, tmp_path, **settings) -> Scheduler:
+    model.store = None
+    catalog = AdapterCatalog(tmp_path)
+    return Scheduler(model, catalog, ServeSettings(max_wait_ms=0, **settings))
+
+
+@pytest.mark.parametrize("backbone, continuous", [("llama", True), ("llama", False), ("gemma3-4", True)])
+def test_scheduler_answers_equal_each_request_alone(tmp_path, backbone, continuous):
+    """Greedy rows of several budgets, beam rows and bare rows, over four families: every answer equals
+    Translator's for that request alone. On gemma3 with a 4-token window no row fits the engine, so all run
+    in generate calls."""
+    model = with_adapters(tiny_model("gemma3" if backbone == "gemma3-4" else "llama"), tiny_tokenizer("decoder"))
+    scheduler = scheduler_over(model, tmp_path, continuous=continuous, max_batch=6)
+    assert (scheduler.runner.engine is not None) == continuous
+    rng = random.Random(9)
+    requests = []
+    for i in range(24):
+        text = " ".join(f"a{rng.randrange(30)}" for _ in range(rng.randint(1, 6)))
+        adapter = [*FAMILIES, None][i % 5]
+        key = BatchKey("translate", 2 if i % 7 == 3 else 1, rng.choice([3, 6, 9]))
+        requests.append((text, adapter, key))
+
+    async def scenario() -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        jobs = []
+        scheduler.start()
+        try:
+            for k, (text, adapter, key) in enumerate(requests):
+                job = Job(loop, 1)
+                scheduler.submit(job, [Row(job, 0, key, adapter, text, "en", "de")])
+                jobs.append(job)
+                if k % 5 == 4:
+                    await asyncio.sleep(0.01)  # later requests arrive while earlier ones decode
+            return await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 120)
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    served = asyncio.run(scenario())
+    translator = Translator(model)
+    for (text, adapter, key), answer in zip(requests, served):
+        assert answer == translator.translate([text], "en", "de", adapter=adapter, num_beams=key.num_beams,
+                                              max_new_tokens=key.max_new_tokens)
+
+
+def test_rows_stop_joining_while_an_older_row_needs_a_generate_call(tmp_path):
+    """Otherwise a steady stream of greedy rows would keep a beam-search row waiting forever."""
+    model = with_adapters(tiny_model("llama"), tiny_tokenizer("decoder"))
+    scheduler = scheduler_over(model, tmp_path)
+    engine = scheduler.runner.engine
+
+    def rows(loop, key):
+        job = Job(loop, 1)
+        return [Row(job, 0, key, "lora", "a1 a2", "en", "de")]
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        beam, greedy = rows(loop, BatchKey("translate", 2, 4)), rows(loop, BatchKey("translate", 1, 4))
+        for row in (*beam, *greedy):
+            row.decoding = scheduler.runner.decoding_row(row) if row.key.num_beams == 1 else None
+        scheduler._pending = [*beam, *greedy]
+        with scheduler._cond:
+            assert scheduler._joiners(engine) == []  # the beam row is older: the engine drains first
+        scheduler._pending = [*greedy, *beam]
+        with scheduler._cond:
+            assert scheduler._joiners(engine) == greedy
+        assert scheduler._pending == beam
+
+    asyncio.run(scenario())
