@@ -24,7 +24,7 @@ from adaptkit.serving.settings import ServeSettings
 from adaptkit.serving.work import BatchKey, Job, Row
 from adaptkit.tasks.translate import Translator
 from test_train import tiny_tokenizer
-from tiny import SMALL, VOCAB, tiny_model
+from tiny import SMALL, VOCAB, tiny_model, with_random_adapters
 
 FAMILIES = {"lora": ak.LoRA(r=4, targets="all-linear"), "adalora": ak.AdaLoRA(init_r=4, target_r=2, total_steps=10),
             "prefix": ak.Prefix(length=3), "bottleneck": ak.Bottleneck(reduction=4, placement="houlsby")}
@@ -41,14 +41,7 @@ def gemma3(sliding_window: int) -> torch.nn.Module:
 
 
 def with_adapters(backbone: torch.nn.Module, tokenizer=None) -> ak.AdaptedModel:
-    model = ak.AdaptedModel(backbone, tokenizer)
-    generator = torch.Generator().manual_seed(5)
-    for name, config in FAMILIES.items():
-        model.add_adapter(name, config)
-        with torch.no_grad():
-            for parameter in model.adapter_parameters(name):
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    return model
+    return with_random_adapters(ak.AdaptedModel(backbone, tokenizer), FAMILIES, seed=5, scale=0.5)
 
 
 def alone(model: ak.AdaptedModel, row: DecodingRow) -> list[int]:

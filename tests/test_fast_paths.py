@@ -22,7 +22,7 @@ import torch
 
 import adaptkit as ak
 from adaptkit.methods import lora as lora_module
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, with_random_adapters
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -39,13 +39,7 @@ def lora_bank(arch: str) -> ak.AdaptedModel:
         "r4": ak.LoRA(r=4, alpha=16.0, targets="attention"),
         "r8": ak.LoRA(r=8, alpha=4.0, targets="all-linear", use_rslora=True),
     }
-    generator = torch.Generator().manual_seed(5)
-    for name, config in configs.items():
-        model.add_adapter(name, config)
-        with torch.no_grad():
-            for p in model.adapter_parameters(name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
+    return with_random_adapters(model, configs, seed=5, scale=0.3)
 
 
 SPEC = ["r2", None, ("r4", "r8"), "r8", "r4"]

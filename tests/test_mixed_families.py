@@ -7,7 +7,7 @@ import torch
 
 import adaptkit as ak
 from numerics import assert_close_to_rounding, depth_of, rounding_bound
-from tiny import tiny_batch, tiny_model
+from tiny import tiny_batch, tiny_model, with_random_adapters
 
 
 def family_bank(arch: str) -> ak.AdaptedModel:
@@ -18,13 +18,7 @@ def family_bank(arch: str) -> ak.AdaptedModel:
         "bottleneck": ak.Bottleneck(reduction=4, placement="houlsby"),
         "adalora": ak.AdaLoRA(init_r=4, target_r=2, total_steps=10),
     }
-    generator = torch.Generator().manual_seed(3)
-    for name, config in configs.items():
-        model.add_adapter(name, config)
-        with torch.no_grad():
-            for p in model.adapter_parameters(name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
-    return model
+    return with_random_adapters(model, configs, seed=3, scale=0.3)
 
 
 def rows_alone(model, batch, spec, **kwargs):

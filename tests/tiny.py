@@ -69,3 +69,15 @@ def tiny_batch(arch: str, batch: int = 4, seq: int = 7, seed: int = 1) -> dict[s
     if arch in SEQ2SEQ:
         out["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 5), generator=g)
     return out
+
+
+def with_random_adapters(model, configs: dict, seed: int, scale: float):
+    """Add each adapter of `configs` (name → config) to the AdaptedModel `model` with random weights:
+    fresh adapters start as the identity (LoRA's B is zero), which would hide routing mistakes."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, config in configs.items():
+        model.add_adapter(name, config)
+        with torch.no_grad():
+            for parameter in model.adapter_parameters(name):
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+    return model
