@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from unittest import mock
 
 import pytest
@@ -239,5 +240,44 @@ def test_rows_stop_joining_while_an_older_row_needs_a_generate_call(tmp_path):
         with scheduler._cond:
             assert scheduler._joiners(engine) == greedy
         assert scheduler._pending == beam
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_request_leaves_the_running_batch_at_its_next_step(tmp_path):
+    model = with_adapters(tiny_model("llama"), tiny_tokenizer("decoder"))
+    model.model.generation_config.eos_token_id = None  # nothing ends the long row but its budget or the cancel
+    scheduler = scheduler_over(model, tmp_path)
+    engine = scheduler.runner.engine
+    resume = threading.Event()
+    step = engine.step
+
+    def gated_step():  # the engine's steps wait until the test has cancelled
+        assert resume.wait(60), "the test never released the engine"
+        return step()
+
+    engine.step = gated_step  # the instance attribute shadows the method
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        long_job, short_job = Job(loop, 1), Job(loop, 1)
+        long_row = Row(long_job, 0, BatchKey("translate", 1, 40), "lora", "a1 a2", "en", "de")
+        scheduler.submit(long_job, [long_row])
+        scheduler.start()
+        try:
+            while long_job.first_batch is None:  # joined the engine, waiting at its first step
+                await asyncio.sleep(0.001)
+            scheduler.cancel(long_job)  # the client went away
+            resume.set()
+            scheduler.submit(short_job, [Row(short_job, 0, BatchKey("translate", 1, 5), "prefix", "a3", "en", "de")])
+            answer = await asyncio.wait_for(short_job.future, 60)
+        finally:
+            resume.set()
+            await asyncio.to_thread(scheduler.stop)
+        # its prefill token, and the token of a step already under way when the cancel came (if one was): of 40
+        assert len(long_row.decoding.tokens) <= 2
+        assert not long_job.future.done()
+        assert answer == Translator(model).translate(["a3"], "en", "de", adapter="prefix", num_beams=1,
+                                                     max_new_tokens=5)
 
     asyncio.run(scenario())
