@@ -23,6 +23,7 @@ from adaptkit.serving.continuous import ContinuousBatch, DecodingRow, unsupporte
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ServeSettings
 from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.tasks.generate import Generator
 from adaptkit.tasks.translate import Translator
 from test_train import tiny_tokenizer
 from tiny import SMALL, VOCAB, tiny_model, with_random_adapters
@@ -182,28 +183,32 @@ def scheduler_over(model: ak.AdaptedModel, tmp_path, **settings) -> Scheduler:
 
 @pytest.mark.parametrize("backbone, continuous", [("llama", True), ("llama", False), ("gemma3-4", True)])
 def test_scheduler_answers_equal_each_request_alone(tmp_path, backbone, continuous):
-    """Greedy rows of several budgets, beam rows and bare rows, over four families: every answer equals
-    Translator's for that request alone. On gemma3 with a 4-token window no row fits the engine, so all run
-    in generate calls."""
+    """Translations and style / dialogue rows of several budgets, beam rows and bare rows, over four families:
+    every answer equals Translator's or Generator's for that request alone. On gemma3 with a 4-token window
+    no row fits the engine, so all run in generate calls."""
     model = with_adapters(tiny_model("gemma3" if backbone == "gemma3-4" else "llama"), tiny_tokenizer("decoder"))
     scheduler = scheduler_over(model, tmp_path, continuous=continuous, max_batch=6)
     assert (scheduler.runner.engine is not None) == continuous
     rng = random.Random(9)
     requests = []
-    for i in range(24):
+    for i in range(30):
         text = " ".join(f"a{rng.randrange(30)}" for _ in range(rng.randint(1, 6)))
         adapter = [*FAMILIES, None][i % 5]
-        key = BatchKey("translate", 2 if i % 7 == 3 else 1, rng.choice([3, 6, 9]))
-        requests.append((text, adapter, key))
+        task = [None, None, "style", "dialogue"][i % 4]
+        key = BatchKey("generate" if task else "translate", 2 if i % 7 == 3 else 1, rng.choice([3, 6, 9]))
+        requests.append((text, adapter, task, key))
+
+    rows = []
 
     async def scenario() -> list[list[str]]:
         loop = asyncio.get_running_loop()
         jobs = []
         scheduler.start()
         try:
-            for k, (text, adapter, key) in enumerate(requests):
+            for k, (text, adapter, task, key) in enumerate(requests):
                 job = Job(loop, 1)
-                scheduler.submit(job, [Row(job, 0, key, adapter, text, "en", "de")])
+                rows.append(Row(job, 0, key, adapter, text, "en", "de", task))
+                scheduler.submit(job, rows[-1:])
                 jobs.append(job)
                 if k % 5 == 4:
                     await asyncio.sleep(0.01)  # later requests arrive while earlier ones decode
@@ -212,10 +217,14 @@ def test_scheduler_answers_equal_each_request_alone(tmp_path, backbone, continuo
             await asyncio.to_thread(scheduler.stop)
 
     served = asyncio.run(scenario())
-    translator = Translator(model)
-    for (text, adapter, key), answer in zip(requests, served):
-        assert answer == translator.translate([text], "en", "de", adapter=adapter, num_beams=key.num_beams,
-                                              max_new_tokens=key.max_new_tokens)
+    in_engine = [row.decoding is not None for row in rows]
+    assert in_engine == [continuous and backbone == "llama" and row.key.num_beams == 1 for row in rows]
+    translator, generator = Translator(model), Generator(model)
+    for (text, adapter, task, key), answer in zip(requests, served):
+        gen = dict(num_beams=key.num_beams, max_new_tokens=key.max_new_tokens)
+        alone = (generator.generate([text], adapter=adapter, task=task, src_lang="en", tgt_lang="de", **gen) if task
+                 else translator.translate([text], "en", "de", adapter=adapter, **gen))
+        assert answer == alone
 
 
 def test_rows_stop_joining_while_an_older_row_needs_a_generate_call(tmp_path):

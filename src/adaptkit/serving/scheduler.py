@@ -100,7 +100,10 @@ class Scheduler:
         """Queue a request's rows, or refuse the whole request when the queue cannot take them all."""
         for row in rows:  # tokenized here, on the event loop, not in the worker between decoding steps
             if self.runner.continuous(row.key):
-                row.decoding = self.runner.decoding_row(row)
+                try:
+                    row.decoding = self.runner.decoding_row(row)
+                except AdapterError:
+                    row.decoding = None  # a generate call reports the problem, as for any static batch
         with self._cond:
             if self._stopping:
                 raise ApiError(503, "shutting_down", "the service is shutting down; retry elsewhere")

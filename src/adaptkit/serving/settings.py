@@ -23,7 +23,7 @@ class ServeSettings:
     max_queue: int = _knob(512, "rows waiting at most; beyond, requests get 503 with Retry-After")
     max_adapters_per_batch: int | None = _knob(None, "distinct adapters in one generate call (1: no "
                                                      "cross-adapter batching; none: no limit)")
-    continuous: bool = _knob(True, "greedy translations on a decoder backbone join and leave a running batch between "
+    continuous: bool = _knob(True, "greedy rows on a decoder backbone join and leave a running batch between "
                                    "decoding steps (--no-continuous: each batch runs until its longest row is done)")
     max_body_bytes: int = _knob(1 << 20, "largest JSON request body (413 beyond)")
     max_upload_bytes: int = _knob(256 << 20, "largest adapter upload (413 beyond)")

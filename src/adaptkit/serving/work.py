@@ -16,8 +16,8 @@ from typing import Any, Literal
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.serving.continuous import ContinuousBatch, DecodingRow, unsupported
 from adaptkit.serving.settings import ApiError
-from adaptkit.tasks.generate import Generator
-from adaptkit.tasks.translate import Translator
+from adaptkit.tasks.generate import Generator, tidy
+from adaptkit.tasks.translate import Translator, line_written
 
 Kind = Literal["translate", "generate"]
 
@@ -98,7 +98,7 @@ class BatchRunner:
     """Rows of one key → one generate call with one adapter entry per row: `Translator` for translations
     (prompt by language pair), `Generator` for the rest (prompt by each row's task).
 
-    Greedy translations on a decoder backbone instead join `engine`, a continuous batch (when `continuous`):
+    Greedy rows on a decoder backbone instead join `engine`, a continuous batch (when `continuous`):
     `decoding_row` makes a row the engine can run and `text_of` reads its answer."""
 
     def __init__(self, model: AdaptedModel, max_batch: int, continuous: bool = True):
@@ -108,22 +108,30 @@ class BatchRunner:
         self.translator = Translator(model, batch_size=max_batch)
         self.generator = Generator(model, batch_size=max_batch)
         self.engine = ContinuousBatch(model) if continuous and unsupported(model) is None else None
-        self._stop_rule = self.translator.stop_rule()
 
     def continuous(self, key: BatchKey) -> bool:
         """Whether rows of this key run in the continuous batch (whatever their max_new_tokens)."""
-        return self.engine is not None and key.kind == "translate" and key.num_beams == 1
+        return self.engine is not None and key.num_beams == 1
 
     def decoding_row(self, row: Row) -> DecodingRow | None:
-        """The engine's form of a translation row; None when it would outgrow a sliding window (then it runs
-        in a generate call, as a static batch)."""
+        """The engine's form of a row, prompted as `run` would prompt it; None when it would outgrow a sliding
+        window (then it runs in a generate call, as a static batch)."""
         assert self.engine is not None
-        prompt = self.translator.prompt_ids(row.text, row.src_lang or "", row.tgt_lang or "")
-        decoding = DecodingRow(prompt, row.adapter, row.key.max_new_tokens, self._stop_rule, tag=row)
+        if row.key.kind == "translate":
+            prompt, one_line = self.translator.decoding_parts(row.text, row.src_lang or "", row.tgt_lang or "")
+        else:
+            prompt, one_line = self.generator.decoding_parts(row.text, row.adapter, row.task, row.src_lang,
+                                                             row.tgt_lang)
+        stop = self._line_written if one_line else None
+        decoding = DecodingRow(prompt, row.adapter, row.key.max_new_tokens, stop, tag=row)
         return decoding if self.engine.fits(decoding) else None
 
+    def _line_written(self, ids: list[int]) -> bool:
+        return line_written(self.model.tokenizer.decode(ids, skip_special_tokens=True))
+
     def text_of(self, row: DecodingRow) -> str:
-        return self.translator.text_of(row.tokens)
+        """A finished row's answer, tidied as `run` tidies it (one-line answers are the rows with a stop rule)."""
+        return tidy(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop is not None)
 
     def run(self, key: BatchKey, rows: Sequence[Row]) -> list[str]:
         adapters = [row.adapter for row in rows]

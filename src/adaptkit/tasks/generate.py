@@ -229,6 +229,15 @@ class Generator:
             out.extend(tidy(text, self._one_line(r.task)) for text, r in zip(decoded, chunk))
         return out
 
+    def decoding_parts(self, text: Source, adapter: Any, task: Any, src_lang: Any, tgt_lang: Any
+                       ) -> tuple[list[int], bool]:
+        """One decoder row as `generate` prompts it, for continuous batching: its unpadded prompt ids, and
+        whether its reply ends at the first line (the text is then `tidy`'s first line)."""
+        row = self._rows([text], adapter, task, src_lang, tgt_lang)[0]
+        ids = encode_decoder_example(self.model.tokenizer, row.source, None, row.src_lang, row.tgt_lang,
+                                     self.prompt_for(row.task), self.max_source_len)[0]["input_ids"]
+        return ids, self._one_line(row.task)
+
     def stream(self, text: Source, adapter: Any = "auto", task: str | None = None, *, src_lang: str | None = None,
                tgt_lang: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, num_beams: int = 1, repetition_penalty: float = 1.0,

@@ -12,7 +12,7 @@ domain would. `translate_detailed` says per row what was predicted, how sure, an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,22 +128,12 @@ class Translator:
             out.extend(self._first_line(text) for text in decoded)
         return [Translation(text, routes[i], domains[i], *predicted.get(i, (None, None))) for i, text in enumerate(out)]
 
-    # -- one row at a time, for continuous batching (serving/continuous.py) ---------------------------
-    def prompt_ids(self, text: str, src_lang: str, tgt_lang: str) -> list[int]:
-        """The unpadded prompt `translate` gives a decoder backbone for one row."""
-        return encode_decoder_example(self.model.tokenizer, text, None, src_lang, tgt_lang,
-                                      self.prompt or PromptFormat(), self.max_source_len)[0]["input_ids"]
-
-    def stop_rule(self) -> Callable[[list[int]], bool] | None:
-        """What ends a row besides eos and its budget, on the ids it has written (as `translate` stops it)."""
-        if not self._one_line():
-            return None
-        tokenizer = self.model.tokenizer
-        return lambda ids: line_written(tokenizer.decode(ids, skip_special_tokens=True))
-
-    def text_of(self, ids: Sequence[int]) -> str:
-        """A row's written ids → its translation, tidied as `translate` tidies it."""
-        return self._first_line(self.model.tokenizer.decode(ids, skip_special_tokens=True).strip())
+    def decoding_parts(self, text: str, src_lang: str, tgt_lang: str) -> tuple[list[int], bool]:
+        """One row as `translate` prompts a decoder backbone, for continuous batching: its unpadded prompt ids,
+        and whether its answer ends at the first line (`line_written`; the text is then `tidy`'s first line)."""
+        ids = encode_decoder_example(self.model.tokenizer, text, None, src_lang, tgt_lang,
+                                     self.prompt or PromptFormat(), self.max_source_len)[0]["input_ids"]
+        return ids, self._one_line()
 
     def _one_line(self) -> bool:
         """A decoder prompted for a one-line target is done at the first newline (a bare base model
