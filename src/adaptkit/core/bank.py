@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import nn
 
-from adaptkit.core.adapterfile import ROUTING_KEYS, AdapterStore, read_adapter_file, write_adapter_file
+from adaptkit.core.adapterfile import ROUTING_KEYS, AdapterStore, build_from_adapter_file, write_adapter_file
 from adaptkit.core.arch import Arch
 from adaptkit.core.backbone import check_backbone as check_backbone_fn
 from adaptkit.core.backbone import contiguous_head_input, fingerprint, freeze, load_pretrained
@@ -259,19 +259,26 @@ class AdaptedModel(nn.Module):
         memory is allocated from it (safebuild.py).
         """
         path = self._explicit_path(path)
-        tensors, info = read_adapter_file(path, verify=verify)
-        if check_backbone:
-            try:
-                check_backbone_fn(info.get("backbone", {}), self._backbone_fingerprint, path.name)
-            except AdapterError:
-                raise
-            except (TypeError, ValueError, RuntimeError) as error:  # a damaged fingerprint in a verified file
-                raise AdapterError(f"{path.name}: its backbone fingerprint cannot be read ({error})") from None
-        name = name or info.get("name") or path.stem
-        if name in self._slots:
-            raise AdapterError(f"an adapter named {name!r} is already loaded; pass name=... to load it under another")
-        adapter = build_from_file(adapter_class_for(info["method"]), name, tensors, info, self.arch,
-                                  backbone_elements=self._backbone_fingerprint["num_parameters"], source=path.name)
+
+        def build(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> tuple[str, Adapter, dict[str, Any]]:
+            if check_backbone:
+                try:
+                    check_backbone_fn(info.get("backbone", {}), self._backbone_fingerprint, path.name)
+                except AdapterError:
+                    raise
+                except (TypeError, ValueError, RuntimeError) as error:  # a damaged fingerprint in a verified file
+                    raise AdapterError(f"{path.name}: its backbone fingerprint cannot be read ({error})") from None
+            adapter_name = name or info.get("name") or path.stem
+            if adapter_name in self._slots:
+                raise AdapterError(f"an adapter named {adapter_name!r} is already loaded; pass name=... to load it "
+                                   "under another")
+            adapter = build_from_file(adapter_class_for(info["method"]), adapter_name, tensors, info, self.arch,
+                                      backbone_elements=self._backbone_fingerprint["num_parameters"],
+                                      source=path.name)
+            return adapter_name, adapter, info
+
+        # built while the file's checksum is computed beside it; inserted only once it matched
+        name, adapter, info = build_from_adapter_file(path, build, verify=verify)
         self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")})
         return name
 

@@ -237,7 +237,17 @@ def buffer_sha256(header: Header, data: bytes | bytearray | memoryview) -> str:
     names = sorted(header.tensors)
     view = memoryview(data)
     specs = {name: (header.tensors[name].dtype, list(header.tensors[name].shape)) for name in names}
-    return _digest(header.metadata, specs, (view[header.tensors[n].begin:header.tensors[n].end] for n in names))
+    # Tensors stored back to back in name order (safetensors' layout when they share a dtype) are hashed in one
+    # call: the digest is the same, and a single long update lets go of the GIL for all of it, so a load can
+    # build its adapter meanwhile (adapterfile.build_from_adapter_file).
+    spans: list[list[int]] = []
+    for name in names:
+        entry = header.tensors[name]
+        if spans and spans[-1][1] == entry.begin:
+            spans[-1][1] = entry.end
+        else:
+            spans.append([entry.begin, entry.end])
+    return _digest(header.metadata, specs, (view[begin:end] for begin, end in spans))
 
 
 def tensors_sha256(metadata: dict[str, str], tensors: dict[str, torch.Tensor]) -> str:
