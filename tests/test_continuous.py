@@ -19,10 +19,10 @@ import transformers as tf
 
 import adaptkit as ak
 from adaptkit.serving.catalog import AdapterCatalog
-from adaptkit.serving.continuous import ContinuousBatch, DecodingRow, unsupported
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ServeSettings
 from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow, decode_all, unsupported
 from adaptkit.tasks.generate import Generator
 from adaptkit.tasks.translate import Translator
 from test_train import tiny_tokenizer
@@ -290,3 +290,25 @@ def test_a_cancelled_request_leaves_the_running_batch_at_its_next_step(tmp_path)
                                                      max_new_tokens=5)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_translator_decodes_greedy_rows_continuously_each_as_alone(arch):
+    """More rows than the batch holds, so rows join as others leave; on gemma3 (a 20-token window) the rows
+    too long for the window go to generate within the same call, and the answers keep the input order."""
+    backbone = gemma3(sliding_window=20) if arch == "gemma3" else tiny_model("llama")
+    model = with_adapters(backbone, tiny_tokenizer("decoder"))
+    rng = random.Random(2)
+    texts = [" ".join(f"a{rng.randrange(30)}" for _ in range(rng.randint(1, 9))) for _ in range(23)]
+    routes = [[*FAMILIES, None][i % 5] for i in range(23)]
+    translator = Translator(model, batch_size=4)
+    with mock.patch("adaptkit.tasks.translate.decode_all", wraps=decode_all) as continuous:
+        served = translator.translate(texts, "en", "de", adapter=routes, num_beams=1, max_new_tokens=8)
+    fits = len(texts)
+    if arch == "gemma3":  # prompt and budget within the window's 19 cached tokens
+        fits = sum(len(translator.decoding_parts(text, "en", "de")[0]) + 8 <= 19 for text in texts)
+        assert 0 < fits < len(texts)
+    assert len(continuous.call_args.args[1]) == fits  # the rows decode_all was given
+    alone = Translator(model, continuous=False)
+    assert served == [alone.translate([text], "en", "de", adapter=route, num_beams=1, max_new_tokens=8)[0]
+                      for text, route in zip(texts, routes)]

@@ -33,8 +33,8 @@ from adaptkit.serving.settings import ApiError, ServeSettings
 from adaptkit.serving.work import BatchRunner, Job, Row
 
 if TYPE_CHECKING:
-    from adaptkit.serving.continuous import ContinuousBatch, DecodingRow
     from adaptkit.serving.metrics import ServeMetrics
+    from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow
 
 T = TypeVar("T")
 _WAIT = object()
@@ -249,7 +249,7 @@ class Scheduler:
             self._in_batch = frozenset()
             self._cond.notify_all()
 
-    # -- continuous batching (serving/continuous.py) -----------------------------------------------
+    # -- continuous batching (tasks/continuous.py) -----------------------------------------------
     def _decode_continuously(self, first: list[Row]) -> None:
         """Run the engine until it is empty: waiting rows join between its steps, finished rows answer at once.
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from adaptkit.core.bank import AdaptedModel
-from adaptkit.serving.continuous import ContinuousBatch, DecodingRow, unsupported
 from adaptkit.serving.settings import ApiError
+from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow, first_line_rule, unsupported
 from adaptkit.tasks.generate import Generator, tidy
-from adaptkit.tasks.translate import Translator, line_written
+from adaptkit.tasks.translate import Translator
 
 Kind = Literal["translate", "generate"]
 
@@ -122,12 +122,9 @@ class BatchRunner:
         else:
             prompt, one_line = self.generator.decoding_parts(row.text, row.adapter, row.task, row.src_lang,
                                                              row.tgt_lang)
-        stop = self._line_written if one_line else None
+        stop = first_line_rule(self.model.tokenizer) if one_line else None
         decoding = DecodingRow(prompt, row.adapter, row.key.max_new_tokens, stop, tag=row)
         return decoding if self.engine.fits(decoding) else None
-
-    def _line_written(self, ids: list[int]) -> bool:
-        return line_written(self.model.tokenizer.decode(ids, skip_special_tokens=True))
 
     def text_of(self, row: DecodingRow) -> str:
         """A finished row's answer, tidied as `run` tidies it (one-line answers are the rows with a stop rule)."""

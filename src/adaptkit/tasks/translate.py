@@ -12,7 +12,7 @@ domain would. `translate_detailed` says per row what was predicted, how sure, an
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,14 @@ from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.data import PromptFormat, decode_generated, encode_decoder_example, prompt_inputs
 from adaptkit.tasks.classify import Classifier
+from adaptkit.tasks.continuous import (
+    ContinuousBatch,
+    DecodingRow,
+    decode_all,
+    first_line_rule,
+    line_written,
+    unsupported,
+)
 
 AUTO = "auto"  # domain="auto": predicted per row by the domain classifier
 
@@ -50,9 +58,11 @@ class Translator:
 
     def __init__(self, model: AdaptedModel, prompt: PromptFormat | None = None, batch_size: int = 16,
                  max_source_len: int | None = 256, domain_classifier: Classifier | str | Path | None = None,
-                 domain_threshold: float = 0.5, domain_labels: Mapping[str, str] | None = None):
+                 domain_threshold: float = 0.5, domain_labels: Mapping[str, str] | None = None,
+                 continuous: bool = True):
         model.require_tokenizer("Translator")
         self.model = model
+        self.continuous = continuous  # greedy decoder rows: a continuous batch of batch_size rows (tasks/continuous.py)
         self.prompt = prompt  # None: data.PromptFormat() for decoders, bare sources for seq2seq
         self.batch_size = batch_size
         self.max_source_len = max_source_len
@@ -116,17 +126,42 @@ class Translator:
             routes: list[Any] = [self.adapter_for(s, t, d) for s, t, d in zip(srcs, tgts, domains)]
         else:
             routes = _per_row(adapter, n) if isinstance(adapter, list) else [adapter] * n
-        out: list[str] = []
-        starts = range(0, n, self.batch_size)
-        for start in tqdm(starts, desc="translating", disable=not progress):
-            rows = range(start, min(n, start + self.batch_size))
-            inputs = self._inputs([texts[i] for i in rows], [srcs[i] for i in rows], [tgts[i] for i in rows])
-            generated = self.model.generate(**inputs, adapter=[routes[i] for i in rows], num_beams=num_beams,
-                                            max_new_tokens=max_new_tokens, do_sample=False,
-                                            **self._stop_kwargs(inputs["input_ids"].shape[1]), **generate_kwargs)
-            decoded = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
-            out.extend(self._first_line(text) for text in decoded)
+        out = [""] * n
+        with tqdm(total=n, desc="translating", unit="row", disable=not progress) as bar:
+            static = list(range(n))
+            if self._continuous_for(num_beams, generate_kwargs):
+                static = self._translate_continuously(texts, srcs, tgts, routes, max_new_tokens, out, bar.update)
+            for start in range(0, len(static), self.batch_size):
+                rows = static[start:start + self.batch_size]
+                inputs = self._inputs([texts[i] for i in rows], [srcs[i] for i in rows], [tgts[i] for i in rows])
+                generated = self.model.generate(**inputs, adapter=[routes[i] for i in rows], num_beams=num_beams,
+                                                max_new_tokens=max_new_tokens, do_sample=False,
+                                                **self._stop_kwargs(inputs["input_ids"].shape[1]), **generate_kwargs)
+                decoded = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
+                for i, text in zip(rows, decoded):
+                    out[i] = self._first_line(text)
+                bar.update(len(rows))
         return [Translation(text, routes[i], domains[i], *predicted.get(i, (None, None))) for i, text in enumerate(out)]
+
+    def _continuous_for(self, num_beams: int, generate_kwargs: dict[str, Any]) -> bool:
+        """Greedy search with no extra generate options, on a backbone whose greedy search the engine copies."""
+        return self.continuous and num_beams == 1 and not generate_kwargs and unsupported(self.model) is None
+
+    def _translate_continuously(self, texts: Sequence[str], srcs: list[str], tgts: list[str], routes: list[Any],
+                                max_new_tokens: int, out: list[str], progress: Callable[[int], Any]) -> list[int]:
+        """Decode the rows in a continuous batch (rows leave as they finish, others join); returns the indices
+        of rows too long for the backbone's sliding window, left for generate."""
+        engine = ContinuousBatch(self.model)
+        stop = first_line_rule(self.model.tokenizer) if self._one_line() else None
+        rows = [DecodingRow(self.decoding_parts(texts[i], srcs[i], tgts[i])[0], routes[i], max_new_tokens, stop,
+                            tag=i) for i in range(len(texts))]
+
+        def done(row: DecodingRow) -> None:
+            out[row.tag] = self._first_line(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True).strip())
+            progress(1)
+
+        decode_all(engine, [row for row in rows if engine.fits(row)], self.batch_size, done)
+        return [row.tag for row in rows if not engine.fits(row)]
 
     def decoding_parts(self, text: str, src_lang: str, tgt_lang: str) -> tuple[list[int], bool]:
         """One row as `translate` prompts a decoder backbone, for continuous batching: its unpadded prompt ids,
@@ -188,11 +223,6 @@ class LineDone(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
         return torch.tensor([line_written(text) for text in texts], device=input_ids.device)
-
-
-def line_written(text: str) -> bool:
-    """A one-line answer is complete: a newline after something other than leading whitespace."""
-    return "\n" in text.lstrip()
 
 
 def _per_row(value: Any, n: int) -> list:

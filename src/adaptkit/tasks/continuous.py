@@ -19,6 +19,7 @@ says why not otherwise): beams, sampling, logits processors and encoder-decoders
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 from collections.abc import Callable, Sequence
@@ -50,8 +51,20 @@ class DecodingRow:
     tokens: list[int] = field(default_factory=list)
 
 
+def line_written(text: str) -> bool:
+    """A one-line answer is complete: a newline after something other than leading whitespace."""
+    return "\n" in text.lstrip()
+
+
+def first_line_rule(tokenizer: Any) -> Callable[[list[int]], bool]:
+    """The stop rule of a one-line answer, on the ids written so far."""
+    return lambda ids: line_written(tokenizer.decode(ids, skip_special_tokens=True))
+
+
 def unsupported(model: AdaptedModel) -> str | None:
     """Why this backbone cannot decode continuously (None: it can)."""
+    if not isinstance(model, AdaptedModel):  # e.g. a peft model wrapped for the benchmark's comparisons
+        return f"continuous batching routes rows through an AdaptedModel; got {type(model).__name__}"
     if model.family != "decoder":
         return f"continuous batching runs decoder-only backbones; this one is {model.family}"
     config = model.model.generation_config
@@ -244,6 +257,27 @@ class ContinuousBatch:
         row.tokens.append(token)
         return (token in self.eos or len(row.tokens) >= row.max_new_tokens
                 or (row.stop is not None and row.stop(row.tokens)))
+
+
+def decode_all(engine: ContinuousBatch, rows: Sequence[DecodingRow], max_rows: int,
+               on_done: Callable[[DecodingRow], None]) -> None:
+    """Decode every row, at most `max_rows` at once, calling `on_done` as each finishes. Waiting rows join once
+    a quarter of the places are free (or nothing runs): each join then prefills several rows, and the cache
+    is merged less often."""
+    waiting = collections.deque(rows)
+    enough = max(1, max_rows // 4)
+    try:
+        while waiting or len(engine):
+            finished = []
+            free = max_rows - len(engine)
+            if waiting and (not len(engine) or free >= enough):
+                finished += engine.add([waiting.popleft() for _ in range(min(free, len(waiting)))])
+            finished += engine.step()
+            for row in finished:
+                on_done(row)
+    finally:
+        engine.remove(list(engine.rows))
+        engine.close()
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
