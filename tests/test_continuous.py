@@ -312,3 +312,21 @@ def test_translator_decodes_greedy_rows_continuously_each_as_alone(arch):
     alone = Translator(model, continuous=False)
     assert served == [alone.translate([text], "en", "de", adapter=route, num_beams=1, max_new_tokens=8)[0]
                       for text, route in zip(texts, routes)]
+
+
+def test_generator_decodes_greedy_rows_continuously_each_as_alone():
+    """Style and dialogue rows (dialogue replies are not cut at a line) over four families and the bare
+    backbone, more rows than the batch holds; sampling keeps static batches."""
+    model = with_adapters(tiny_model("llama"), tiny_tokenizer("decoder"))
+    rng = random.Random(6)
+    texts = [" ".join(f"a{rng.randrange(30)}" for _ in range(rng.randint(1, 7))) for _ in range(17)]
+    routes = [[*FAMILIES, None][i % 5] for i in range(17)]
+    tasks = [["style", "dialogue", "translate"][i % 3] for i in range(17)]
+    generator = Generator(model, batch_size=4)
+    with mock.patch("adaptkit.tasks.generate.decode_all", wraps=decode_all) as continuous:
+        served = generator.generate(texts, adapter=routes, task=tasks, src_lang="en", tgt_lang="de", max_new_tokens=7)
+        generator.generate(texts[:2], adapter=routes[:2], task=tasks[:2], temperature=0.7, seed=1, max_new_tokens=3)
+    assert continuous.call_count == 1 and len(continuous.call_args.args[1]) == len(texts)
+    alone = Generator(model, continuous=False)
+    assert served == [alone.generate([text], adapter=route, task=task, src_lang="en", tgt_lang="de",
+                                     max_new_tokens=7)[0] for text, route, task in zip(texts, routes, tasks)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextvars
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.data import TASK_TEMPLATES, PromptFormat, Source, encode_decoder_example, pad_id, pad_sequences
+from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow, decode_all, first_line_rule, unsupported
 from adaptkit.tasks.translate import LineDone, match_adapter
 
 TASKS = tuple(TASK_TEMPLATES)  # translate, style, dialogue
@@ -85,7 +86,8 @@ class Generator:
     """
 
     def __init__(self, model: AdaptedModel, prompts: dict[str, PromptFormat] | None = None,
-                 chat_template: bool = False, batch_size: int = 16, max_source_len: int | None = 256):
+                 chat_template: bool = False, batch_size: int = 16, max_source_len: int | None = 256,
+                 continuous: bool = True):
         if model.tokenizer is None:
             raise AdapterError("Generator needs the backbone's tokenizer: load it with ak.load(...), or set "
                                "model.tokenizer = AutoTokenizer.from_pretrained(...)")
@@ -99,6 +101,7 @@ class Generator:
         self.chat_template = chat_template
         self.batch_size = batch_size
         self.max_source_len = max_source_len
+        self.continuous = continuous  # greedy decoder rows: a continuous batch of batch_size rows (tasks/continuous.py)
 
     # -- routing --------------------------------------------------------------------------------
     def prompt_for(self, task: str) -> PromptFormat | None:
@@ -157,8 +160,7 @@ class Generator:
     def _inputs(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         tokenizer = self.model.tokenizer
         if self.model.family == "decoder":
-            ids = [encode_decoder_example(tokenizer, r.source, None, r.src_lang, r.tgt_lang, self.prompt_for(r.task),
-                                          self.max_source_len)[0]["input_ids"] for r in rows]
+            ids = [self._prompt_ids(r) for r in rows]
         else:
             ids = [tokenizer(self._seq2seq_text(r), truncation=self.max_source_len is not None,
                              max_length=self.max_source_len)["input_ids"] for r in rows]
@@ -166,6 +168,11 @@ class Generator:
         device = next(self.model.model.parameters()).device
         return {"input_ids": pad_sequences(ids, pad_id(tokenizer), left).to(device),
                 "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, left).to(device)}
+
+    def _prompt_ids(self, row: Row) -> list[int]:
+        """A decoder row's unpadded prompt."""
+        return encode_decoder_example(self.model.tokenizer, row.source, None, row.src_lang, row.tgt_lang,
+                                      self.prompt_for(row.task), self.max_source_len)[0]["input_ids"]
 
     def _seq2seq_text(self, row: Row) -> str:
         prompt = self.prompt_for(row.task)
@@ -217,26 +224,52 @@ class Generator:
         """
         settings = Settings(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed)
         rows = self._rows(texts, adapter, task, src_lang, tgt_lang)
-        out: list[str] = []
-        for start in tqdm(range(0, len(rows), self.batch_size), desc="generating", disable=not progress):
-            chunk = rows[start:start + self.batch_size]
-            inputs = self._inputs(chunk)
-            generated = self._run(inputs, [r.route for r in chunk], settings.seed,
-                                  **self._generate_kwargs(chunk, inputs, settings))
-            if self.model.family == "decoder":
-                generated = generated[:, inputs["input_ids"].shape[1]:]
-            decoded = self.model.tokenizer.batch_decode(generated, skip_special_tokens=True)
-            out.extend(tidy(text, self._one_line(r.task)) for text, r in zip(decoded, chunk))
+        out = [""] * len(rows)
+        with tqdm(total=len(rows), desc="generating", unit="row", disable=not progress) as bar:
+            static = list(range(len(rows)))
+            if self._continuous_for(settings):
+                static = self._generate_continuously(rows, settings.max_new_tokens, out, bar.update)
+            for start in range(0, len(static), self.batch_size):
+                indices = static[start:start + self.batch_size]
+                chunk = [rows[i] for i in indices]
+                inputs = self._inputs(chunk)
+                generated = self._run(inputs, [r.route for r in chunk], settings.seed,
+                                      **self._generate_kwargs(chunk, inputs, settings))
+                if self.model.family == "decoder":
+                    generated = generated[:, inputs["input_ids"].shape[1]:]
+                decoded = self.model.tokenizer.batch_decode(generated, skip_special_tokens=True)
+                for i, text, r in zip(indices, decoded, chunk):
+                    out[i] = tidy(text, self._one_line(r.task))
+                bar.update(len(indices))
         return out
+
+    def _continuous_for(self, settings: Settings) -> bool:
+        """Plain greedy search, on a backbone whose greedy search the engine copies."""
+        return (self.continuous and not settings.sampling and settings.num_beams == 1
+                and settings.repetition_penalty == 1.0 and unsupported(self.model) is None)
+
+    def _generate_continuously(self, rows: Sequence[Row], max_new_tokens: int, out: list[str],
+                               progress: Callable[[int], Any]) -> list[int]:
+        """Decode the rows in a continuous batch; returns the indices of rows too long for the backbone's
+        sliding window, left for generate."""
+        engine = ContinuousBatch(self.model)
+        stop = first_line_rule(self.model.tokenizer)
+        decoding = [DecodingRow(self._prompt_ids(row), row.route, max_new_tokens,
+                                stop if self._one_line(row.task) else None, tag=i) for i, row in enumerate(rows)]
+
+        def done(row: DecodingRow) -> None:
+            out[row.tag] = tidy(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop is not None)
+            progress(1)
+
+        decode_all(engine, [row for row in decoding if engine.fits(row)], self.batch_size, done)
+        return [row.tag for row in decoding if not engine.fits(row)]
 
     def decoding_parts(self, text: Source, adapter: Any, task: Any, src_lang: Any, tgt_lang: Any
                        ) -> tuple[list[int], bool]:
         """One decoder row as `generate` prompts it, for continuous batching: its unpadded prompt ids, and
         whether its reply ends at the first line (the text is then `tidy`'s first line)."""
         row = self._rows([text], adapter, task, src_lang, tgt_lang)[0]
-        ids = encode_decoder_example(self.model.tokenizer, row.source, None, row.src_lang, row.tgt_lang,
-                                     self.prompt_for(row.task), self.max_source_len)[0]["input_ids"]
-        return ids, self._one_line(row.task)
+        return self._prompt_ids(row), self._one_line(row.task)
 
     def stream(self, text: Source, adapter: Any = "auto", task: str | None = None, *, src_lang: str | None = None,
                tgt_lang: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
