@@ -330,3 +330,18 @@ def test_generator_decodes_greedy_rows_continuously_each_as_alone():
     alone = Generator(model, continuous=False)
     assert served == [alone.generate([text], adapter=route, task=task, src_lang="en", tgt_lang="de",
                                      max_new_tokens=7)[0] for text, route, task in zip(texts, routes, tasks)]
+
+
+def test_static_batches_group_rows_by_length_and_answer_in_input_order():
+    """Beam search runs in generate calls; rows of similar length share one (less padding), and the answers
+    come back in the order of the input."""
+    model = with_adapters(tiny_model("llama"), tiny_tokenizer("decoder"))
+    texts = ["a1 a2 a3 a4 a5 a6 a7", "a1", "a2 a3 a4 a5 a6 a7 a8", "a5 a6", "a7 a8 a9 a10 a11", "a3"]
+    routes = [*FAMILIES, None, "lora"]
+    translator = Translator(model, batch_size=2)
+    with mock.patch.object(model, "generate", wraps=model.generate) as generate:
+        served = translator.translate(texts, "en", "de", adapter=routes, num_beams=2, max_new_tokens=5)
+    widths = [call.kwargs["input_ids"].shape[1] for call in generate.call_args_list]
+    assert widths == sorted(widths) and len(widths) == 3  # the two shortest first, the two longest last
+    assert served == [translator.translate([text], "en", "de", adapter=route, num_beams=2, max_new_tokens=5)[0]
+                      for text, route in zip(texts, routes)]

@@ -229,6 +229,7 @@ class Generator:
             static = list(range(len(rows)))
             if self._continuous_for(settings):
                 static = self._generate_continuously(rows, settings.max_new_tokens, out, bar.update)
+            static.sort(key=lambda i: len(str(rows[i].source)))  # similar lengths batch together: less padding
             for start in range(0, len(static), self.batch_size):
                 indices = static[start:start + self.batch_size]
                 chunk = [rows[i] for i in indices]

@@ -131,6 +131,7 @@ class Translator:
             static = list(range(n))
             if self._continuous_for(num_beams, generate_kwargs):
                 static = self._translate_continuously(texts, srcs, tgts, routes, max_new_tokens, out, bar.update)
+            static.sort(key=lambda i: len(texts[i]))  # similar lengths batch together: less padding, rows end closer
             for start in range(0, len(static), self.batch_size):
                 rows = static[start:start + self.batch_size]
                 inputs = self._inputs([texts[i] for i in rows], [srcs[i] for i in rows], [tgts[i] for i in rows])
