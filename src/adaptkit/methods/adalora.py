@@ -33,7 +33,13 @@ from adaptkit.core.arch import Arch, linear_shape
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import register_method
 from adaptkit.methods.base import AdapterConfig
-from adaptkit.methods.lora import LowRankAdapter, normalize_targets, peft_low_rank_tensors, refuse_peft_options
+from adaptkit.methods.lora import (
+    NO_DROPOUT,
+    LowRankAdapter,
+    normalize_targets,
+    peft_low_rank_tensors,
+    refuse_peft_options,
+)
 
 RANKNUM_EPS = 1e-5  # peft divides by (ranknum + 1e-5); kept so that peft's weights give peft's outputs
 
@@ -109,7 +115,7 @@ class SVDUpdate(nn.Module):
         # reloaded (pruned) file computes. None: all triplets take part.
         self.register_buffer("live", None, persistent=False)
         self.scale = scale
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else NO_DROPOUT
         self.merged = False
 
     @property
