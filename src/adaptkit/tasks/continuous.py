@@ -259,12 +259,15 @@ class ContinuousBatch:
                 or (row.stop is not None and row.stop(row.tokens)))
 
 
-def decode_all(engine: ContinuousBatch, rows: Sequence[DecodingRow], max_rows: int,
-               on_done: Callable[[DecodingRow], None]) -> None:
-    """Decode every row, at most `max_rows` at once, calling `on_done` as each finishes. Waiting rows join once
-    a quarter of the places are free (or nothing runs): each join then prefills several rows, and the cache
-    is merged less often."""
-    waiting = collections.deque(rows)
+def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_rows: int,
+                        on_done: Callable[[DecodingRow], None]) -> list[DecodingRow]:
+    """Decode the rows in a continuous batch of at most `max_rows`, calling `on_done` as each finishes; returns
+    the rows too long for the backbone's sliding window, untouched (for `generate`).
+
+    Waiting rows join once a quarter of the places are free (or nothing runs): each join then prefills
+    several rows, and the cache is merged less often."""
+    engine = ContinuousBatch(model)
+    waiting = collections.deque(row for row in rows if engine.fits(row))
     enough = max(1, max_rows // 4)
     try:
         while waiting or len(engine):
@@ -278,6 +281,7 @@ def decode_all(engine: ContinuousBatch, rows: Sequence[DecodingRow], max_rows: i
     finally:
         engine.remove(list(engine.rows))
         engine.close()
+    return [row for row in rows if not engine.fits(row)]
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:

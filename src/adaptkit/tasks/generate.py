@@ -30,7 +30,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.data import TASK_TEMPLATES, PromptFormat, Source, encode_decoder_example, pad_id, pad_sequences
-from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow, decode_all, first_line_rule, unsupported
+from adaptkit.tasks.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
 from adaptkit.tasks.translate import LineDone, match_adapter
 
 TASKS = tuple(TASK_TEMPLATES)  # translate, style, dialogue
@@ -253,7 +253,6 @@ class Generator:
                                progress: Callable[[int], Any]) -> list[int]:
         """Decode the rows in a continuous batch; returns the indices of rows too long for the backbone's
         sliding window, left for generate."""
-        engine = ContinuousBatch(self.model)
         stop = first_line_rule(self.model.tokenizer)
         decoding = [DecodingRow(self._prompt_ids(row), row.route, max_new_tokens,
                                 stop if self._one_line(row.task) else None, tag=i) for i, row in enumerate(rows)]
@@ -262,8 +261,7 @@ class Generator:
             out[row.tag] = tidy(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop is not None)
             progress(1)
 
-        decode_all(engine, [row for row in decoding if engine.fits(row)], self.batch_size, done)
-        return [row.tag for row in decoding if not engine.fits(row)]
+        return [row.tag for row in decode_continuously(self.model, decoding, self.batch_size, done)]
 
     def decoding_parts(self, text: Source, adapter: Any, task: Any, src_lang: Any, tgt_lang: Any
                        ) -> tuple[list[int], bool]:

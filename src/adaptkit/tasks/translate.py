@@ -25,14 +25,7 @@ from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.data import PromptFormat, decode_generated, encode_decoder_example, prompt_inputs
 from adaptkit.tasks.classify import Classifier
-from adaptkit.tasks.continuous import (
-    ContinuousBatch,
-    DecodingRow,
-    decode_all,
-    first_line_rule,
-    line_written,
-    unsupported,
-)
+from adaptkit.tasks.continuous import DecodingRow, decode_continuously, first_line_rule, line_written, unsupported
 
 AUTO = "auto"  # domain="auto": predicted per row by the domain classifier
 
@@ -152,7 +145,6 @@ class Translator:
                                 max_new_tokens: int, out: list[str], progress: Callable[[int], Any]) -> list[int]:
         """Decode the rows in a continuous batch (rows leave as they finish, others join); returns the indices
         of rows too long for the backbone's sliding window, left for generate."""
-        engine = ContinuousBatch(self.model)
         stop = first_line_rule(self.model.tokenizer) if self._one_line() else None
         rows = [DecodingRow(self.decoding_parts(texts[i], srcs[i], tgts[i])[0], routes[i], max_new_tokens, stop,
                             tag=i) for i in range(len(texts))]
@@ -161,8 +153,7 @@ class Translator:
             out[row.tag] = self._first_line(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True).strip())
             progress(1)
 
-        decode_all(engine, [row for row in rows if engine.fits(row)], self.batch_size, done)
-        return [row.tag for row in rows if not engine.fits(row)]
+        return [row.tag for row in decode_continuously(self.model, rows, self.batch_size, done)]
 
     def decoding_parts(self, text: str, src_lang: str, tgt_lang: str) -> tuple[list[int], bool]:
         """One row as `translate` prompts a decoder backbone, for continuous batching: its unpadded prompt ids,
