@@ -277,6 +277,33 @@ def test_generate_streams_server_sent_events_that_join_to_the_plain_answer(servi
     assert events[-1][1]["adapter"] == adapter
 
 
+def test_streams_are_rows_of_the_continuous_batch_beyond_max_streams(service):
+    """Six streams at once, over three families and the bare backbone: more than --max-streams (2), which
+    bounds only streams that need a thread of their own; each joins to the plain answer."""
+    bodies = [{"prompts": [f"a{i} a{i + 1} a{i + 2}"], "adapter": [NAMES[0], NAMES[1], NAMES[3], None][i % 4],
+               "task": "style", "max_new_tokens": 8} for i in range(6)]
+
+    async def stream_all() -> list[tuple[int, str]]:
+        limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=service.url, headers={"Authorization": f"Bearer {KEYS[0]}"},
+                                     timeout=300, limits=limits) as client:
+            async def one(body: dict) -> tuple[int, str]:
+                async with client.stream("POST", "/v1/generate", json={**body, "stream": True}) as response:
+                    return response.status_code, (await response.aread()).decode()
+            return await asyncio.gather(*(one(body) for body in bodies))
+
+    steps_before = service.metrics()["adaptkit_batch_rows_count"]
+    streamed = asyncio.run(stream_all())
+    assert service.metrics()["adaptkit_batch_rows_count"] > steps_before  # they decoded in the engine's steps
+    with service.client() as client:
+        plain = [client.post("/v1/generate", json=body).json()["outputs"][0] for body in bodies]
+    for (status, text), expected in zip(streamed, plain):
+        assert status == 200, text
+        events = sse_events(text)
+        assert events[-1][0] == "done"
+        assert "".join(data["text"] for name, data in events if name == "message") == expected
+
+
 def test_stream_takes_one_greedy_prompt(service):
     with service.client() as client:
         two = client.post("/v1/generate", json={"prompts": ["a1", "a2"], "adapter": NAMES[0], "task": "style",

@@ -92,7 +92,7 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
         return job.future.result(), job.timings()
 
     add_inference_routes(app, catalog, settings, metrics, submit,
-                         Streams(Generator(model), settings, metrics))
+                         Streams(Generator(model), settings, metrics, scheduler))
     add_listing_route(app, catalog, lambda: set(model.adapters), model.max_resident)
 
     # -- changing the store ----------------------------------------------------------------------

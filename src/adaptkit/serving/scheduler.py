@@ -99,7 +99,7 @@ class Scheduler:
     def submit(self, job: Job, rows: Sequence[Row]) -> None:
         """Queue a request's rows, or refuse the whole request when the queue cannot take them all."""
         for row in rows:  # tokenized here, on the event loop, not in the worker between decoding steps
-            if self.runner.continuous(row.key):
+            if row.decoding is None and self.runner.continuous(row.key):
                 try:
                     row.decoding = self.runner.decoding_row(row)
                 except AdapterError:

@@ -34,7 +34,8 @@ class ServeSettings:
     default_max_new_tokens: int = _knob(128, "max_new_tokens when a request gives none")
     default_num_beams: int = _knob(1, "num_beams when a request gives none (1: greedy)")
     retry_after_s: int = _knob(1, "the Retry-After of a 503 when the queue is full")
-    max_streams: int = _knob(2, "streaming generations running at once, beside the batches (503 beyond)")
+    max_streams: int = _knob(2, "streams running in threads of their own at once, beside the batches (503 beyond; "
+                                "streams that are rows of the continuous batch do not count)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_new_tokens_limit", "max_beams",

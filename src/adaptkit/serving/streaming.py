@@ -1,11 +1,13 @@
 """`POST /v1/generate` with `"stream": true`: one prompt's output as server-sent events, token by token.
 
-A stream runs `Generator.stream` (transformers' `TextIteratorStreamer`) in its own worker thread, beside
-the scheduler's batches rather than inside them: a batch only answers when its longest row ends, and a
-stream is there to show the first words at once. The bank keeps the two apart (routing per context,
-adapters pinned while a call uses them), and `max_streams` bounds how many run at once. The pieces join to
-the `outputs[0]` the same request gets without `stream` (the scheduler's batch output equals each row
-served alone, and `Generator.stream` equals `generate` for one row).
+Where the service batches continuously (greedy rows on a decoder backbone), a stream is one more row of
+the continuous batch: each token the engine writes for it goes through transformers' `TextStreamer` logic
+(whole words, no half characters) to the client, and the row leaves the batch when it is done or the
+client is gone. Otherwise a stream runs `Generator.stream` (`TextIteratorStreamer`) in its own worker
+thread, beside the scheduler's static batches (which answer only when their longest row ends); the bank
+keeps the two apart (routing per context, adapters pinned while a call uses them), and `max_streams`
+bounds how many such threads run at once. Either way the pieces join to the `outputs[0]` the same request
+gets without `stream`.
 
 Events: `data: {"text": piece}` per piece, then `event: done` with `{"adapter", "output", "timings"}`, or
 `event: error` with the JSON error body if generation fails midway. A client that disconnects stops the
@@ -18,17 +20,20 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from transformers import TextStreamer
 
 from adaptkit.core.errors import AdapterError
 from adaptkit.serving.metrics import ServeMetrics
+from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ApiError, ServeSettings
-from adaptkit.serving.work import BatchKey
-from adaptkit.tasks.generate import Generator
+from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.tasks.generate import Generator, Tidier
 
 _END = object()
 
@@ -38,14 +43,24 @@ def event(data: dict[str, Any], name: str | None = None) -> str:
 
 
 class Streams:
-    """Streaming generations of one service: at most `settings.max_streams` at once (503 beyond)."""
+    """Streaming generations of one service: rows of the continuous batch where there is one, else threads
+    beside the batches, at most `settings.max_streams` of those at once (503 beyond)."""
 
-    def __init__(self, generator: Generator, settings: ServeSettings, metrics: ServeMetrics):
-        self.generator, self.settings, self.metrics = generator, settings, metrics
-        self.running = 0  # changed on the event loop only
+    def __init__(self, generator: Generator, settings: ServeSettings, metrics: ServeMetrics,
+                 scheduler: Scheduler | None = None):
+        self.generator, self.settings, self.metrics, self.scheduler = generator, settings, metrics, scheduler
+        self.running = 0  # threads running; changed on the event loop only
 
     async def __call__(self, request: Request, key: BatchKey, text: str, adapter: str | None, src: str | None,
                        tgt: str | None, task: str | None) -> StreamingResponse:
+        if self.scheduler is not None and self.scheduler.runner.continuous(key):
+            row = Row(Job(asyncio.get_running_loop(), 1), 0, key, adapter, text, src, tgt, task)
+            try:  # a bad row (unknown task, no prompt) is refused before any event is sent
+                row.decoding = self.scheduler.runner.decoding_row(row)
+            except AdapterError as error:
+                raise ApiError(422, "bad_stream_request", str(error)) from None
+            if row.decoding is not None:  # (None: too long for the backbone's sliding window)
+                return self._in_the_batch(request, row)
         if self.running >= self.settings.max_streams:
             raise ApiError(503, "streams_busy", f"{self.running} streams are running, the limit (--max-streams); "
                            "retry shortly, or ask without stream",
@@ -61,8 +76,36 @@ class Streams:
         # Started here, not when the body is first iterated: the slot is given back when generation ends even
         # if the client is gone before the response starts (the body is then never iterated).
         queue, stop = self._start(pieces)
-        return StreamingResponse(self._events(request, queue, stop, adapter, started), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return _response(self._events(request, queue, stop.set, adapter, started))
+
+    def _in_the_batch(self, request: Request, row: Row) -> StreamingResponse:
+        """Submit the row to the scheduler; its tokens come back as pieces while it decodes with the others."""
+        started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
+        job, decoding = row.job, row.decoding
+        assert decoding is not None
+
+        def push(item: Any) -> None:  # from the worker thread while the row decodes, in order
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        tidier = Tidier(decoding.stop is not None)  # a one-line reply is cut at its first line, as without stream
+        streamer = _PieceStreamer(self.generator.model.tokenizer, lambda piece: push(tidier.feed(piece) or None))
+        decoding.on_token = lambda token: streamer.put(torch.tensor([token]))
+
+        def finished(future: asyncio.Future) -> None:  # on the event loop, after every piece pushed so far
+            if future.cancelled():
+                push(_END)
+                return
+            if future.exception() is not None:
+                push(future.exception())
+                return
+            streamer.end()
+            push(tidier.finish() or None)
+            push(_END)
+
+        self.scheduler.submit(job, [row])
+        job.future.add_done_callback(finished)
+        self.metrics.requests.labels("/v1/generate", row.adapter or "").inc()
+        return _response(self._events(request, queue, lambda: self.scheduler.cancel(job), row.adapter, started))
 
     def _start(self, pieces: Iterator[str]) -> tuple[asyncio.Queue, threading.Event]:
         loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
@@ -83,11 +126,13 @@ class Streams:
         threading.Thread(target=pump, name="adaptkit-sse", daemon=True).start()
         return queue, stop
 
-    async def _events(self, request: Request, queue: asyncio.Queue, stop: threading.Event, adapter: str | None,
+    async def _events(self, request: Request, queue: asyncio.Queue, stop: Callable[[], Any], adapter: str | None,
                       started: float) -> AsyncIterator[str]:
         output, first = [], None
         try:
             while (item := await queue.get()) is not _END:
+                if item is None:  # nothing new to send yet (held back by the streamer or the tidier)
+                    continue
                 if isinstance(item, Exception):
                     self.metrics.errors.labels("/v1/generate", adapter or "", "generation_failed").inc()
                     yield event({"error": {"code": "generation_failed",
@@ -103,8 +148,25 @@ class Streams:
                          "timings": {"first_piece_ms": round(1000 * (first or 0.0), 1),
                                      "total_ms": round(1000 * (time.perf_counter() - started), 1)}}, "done")
         finally:
-            stop.set()  # a client gone: the pump stops at the next piece
+            stop()  # a client gone: generation stops at its next token
 
     def _ended(self, queue: asyncio.Queue) -> None:
         self.running -= 1  # counted until the generation thread is really done, not when the client left
         queue.put_nowait(_END)
+
+
+class _PieceStreamer(TextStreamer):
+    """transformers' streamer logic (text released word by word, never half a character), pieces to `emit`."""
+
+    def __init__(self, tokenizer: Any, emit: Callable[[str], None]):
+        super().__init__(tokenizer, skip_prompt=False, skip_special_tokens=True)
+        self.emit = emit
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        if text:
+            self.emit(text)
+
+
+def _response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

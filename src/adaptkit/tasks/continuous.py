@@ -48,6 +48,7 @@ class DecodingRow:
     max_new_tokens: int
     stop: Callable[[list[int]], bool] | None = None  # a stop rule on the written ids, besides eos and the budget
     tag: Any = None  # the caller's handle for the row
+    on_token: Callable[[int], None] | None = None  # called with each token as it is written (streaming)
     tokens: list[int] = field(default_factory=list)
 
 
@@ -255,6 +256,8 @@ class ContinuousBatch:
     def _append(self, row: DecodingRow, token: int) -> bool:
         """Add the token; True when the row is done."""
         row.tokens.append(token)
+        if row.on_token is not None:
+            row.on_token(token)
         return (token in self.eos or len(row.tokens) >= row.max_new_tokens
                 or (row.stop is not None and row.stop(row.tokens)))
 
