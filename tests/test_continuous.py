@@ -231,9 +231,11 @@ def test_scheduler_answers_equal_each_request_alone(tmp_path, backbone, continuo
         finally:
             await asyncio.to_thread(scheduler.stop)
 
-    served = asyncio.run(scenario())
+    with joins_counted() as joined:
+        served = asyncio.run(scenario())
     in_engine = [row.decoding is not None for row in rows]
     assert in_engine == [continuous and backbone == "llama" and row.key.num_beams == 1 for row in rows]
+    assert joined() == sum(in_engine)  # and no other row decoded continuously: the static path is static
     translator, generator = Translator(model), Generator(model)
     for (text, adapter, task, key), answer in zip(requests, served):
         gen = dict(num_beams=key.num_beams, max_new_tokens=key.max_new_tokens)

@@ -105,8 +105,10 @@ class BatchRunner:
         if model.tokenizer is None:
             raise ApiError(500, "no_tokenizer", "the backbone was loaded without a tokenizer; the service needs one")
         self.model = model
-        self.translator = Translator(model, batch_size=max_batch)
-        self.generator = Generator(model, batch_size=max_batch)
+        # `run` is the static path (one generate call per batch): the continuous batch is `engine`, driven by the
+        # scheduler, so the translator and generator here never decode continuously themselves.
+        self.translator = Translator(model, batch_size=max_batch, continuous=False)
+        self.generator = Generator(model, batch_size=max_batch, continuous=False)
         self.engine = ContinuousBatch(model) if continuous and unsupported(model) is None else None
 
     def continuous(self, key: BatchKey) -> bool:
