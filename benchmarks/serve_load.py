@@ -4,10 +4,9 @@
     python benchmarks/serve_load.py --quick    # 4 steps per adapter, 8/16/32 requests, 24 new tokens
     python benchmarks/serve_load.py --render benchmarks/results/serve_load.json   # redraw the .md / .png
 
-Run time on the shared 2-core box these figures come from (load average ~10 from other jobs): --quick
-14 min of serving once its adapters exist (training them took 16 min there: AdaLoRA is the slow one);
-the full run is about 4x the serving and 3x the training, ~1.5 h there, roughly a third of that on
-two quiet cores. Adapters are kept in runs/serve_load/<backbone>/store and reused by later runs.
+Run time on 2 CPU cores with no other jobs: the full run's serving 13.4 min once its adapters exist
+(training them is several times that on a loaded box: AdaLoRA is the slow one). Adapters are kept in
+runs/serve_load/<backbone>/store and reused by later runs.
 
 On gemma3-270m with 4 real adapters of four families, each trained briefly with `ak.train` on a shipped
 sample (12 steps of batch 4 in the full run: they translate poorly, but they are real adapters of real

@@ -138,4 +138,3 @@ def test_train_makes_transformers_own_checkpointing_routing_aware(tmp_path, floa
                                output_dir=str(tmp_path / str(plain_checkpointing)), **FAST)["train_loss"])
         assert model.model.is_activation_checkpointing == plain_checkpointing
     assert losses[1] == pytest.approx(losses[0], rel=1e-9)
-

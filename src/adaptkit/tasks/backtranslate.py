@@ -182,7 +182,10 @@ def _assemble(out: Path, manifest: dict[str, Any], result: BacktranslationResult
     kept, dropped = [], []
     for row in rows:
         reason = degenerate(row["src"], row["tgt"], max_length_ratio) if max_length_ratio is not None else None
-        (kept if reason is None else dropped).append(row if reason is None else {**row, "dropped": reason})
+        if reason is None:
+            kept.append(row)
+        else:
+            dropped.append({**row, "dropped": reason})
     write_atomic(out / CORPUS, _jsonl(kept))
     if max_length_ratio is not None:
         write_atomic(out / "dropped.jsonl", _jsonl(dropped))

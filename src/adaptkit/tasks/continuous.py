@@ -270,7 +270,10 @@ def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_ro
     Waiting rows join once a quarter of the places are free (or nothing runs): each join then prefills
     several rows, and the cache is merged less often."""
     engine = ContinuousBatch(model)
-    waiting = collections.deque(row for row in rows if engine.fits(row))
+    waiting: collections.deque[DecodingRow] = collections.deque()
+    too_long: list[DecodingRow] = []
+    for row in rows:
+        (waiting if engine.fits(row) else too_long).append(row)
     enough = max(1, max_rows // 4)
     try:
         while waiting or len(engine):
@@ -284,7 +287,7 @@ def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_ro
     finally:
         engine.remove(list(engine.rows))
         engine.close()
-    return [row for row in rows if not engine.fits(row)]
+    return too_long
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
