@@ -474,3 +474,34 @@ def test_mutated_files_load_exactly_or_raise_adapter_error(tmp_path, method):
         saved.model.remove_adapter("m")
         saved.assert_unchanged()
     assert outcomes["refused"] > 100 and outcomes["loaded"] > 0, outcomes
+
+
+# -- values: a checksum proves a file is what its writer wrote, not that it is usable ---------------
+
+def edit_first_float(src: Path, dst: Path, *, value: float | None = None, dtype: str | None = None) -> str:
+    """`src` with its first float tensor's first value set to `value`, or its dtype renamed, re-signed into
+    `dst`; returns that tensor's name."""
+    header, data = split(src)
+    name = next(k for k in sorted(header) if k != "__metadata__" and header[k]["dtype"] == "F32")
+    data = bytearray(data)
+    if value is not None:
+        begin = header[name]["data_offsets"][0]
+        data[begin:begin + 4] = struct.pack("<f", value)
+    if dtype is not None:
+        header[name]["dtype"] = dtype  # the same size as F32: the layout holds; re-signed below
+    join(dst, resign(header, bytes(data)), bytes(data))
+    return name
+
+
+@pytest.mark.parametrize("edit, reason", [(dict(value=float("nan")), "non-finite"),
+                                          (dict(value=float("-inf")), "non-finite"),
+                                          (dict(dtype="I32"), "stored as torch.int32 (integer)")])
+def test_non_finite_or_integer_weights_are_refused_with_the_reason(saved, tmp_path, edit, reason):
+    path = tmp_path / "bad.safetensors"
+    name = edit_first_float(saved.path, path, **edit)
+    for check in (saved.model.load_adapter, saved.model.check_adapter_file):
+        with pytest.raises(ak.AdapterError) as refused:
+            check(path)
+        message = str(refused.value)
+        assert "bad.safetensors" in message and reason in message and repr(name) in message, message
+        saved.assert_unchanged()

@@ -361,3 +361,81 @@ def test_links_never_lead_a_name_outside_the_store(tmp_path):
         with pytest.raises(ak.AdapterError, match="adapter store"):
             model.save_adapter(name)
     assert secret.read_bytes() == b"secret" and sorted(p.name for p in outside.iterdir()) == ["secret.safetensors"]
+
+
+def _held_call(model: ak.AdaptedModel, batch: dict, outputs: list) -> tuple[threading.Thread, threading.Event]:
+    """A thread inside `model.using(None)`: one forward, then it waits for `release`, then another forward."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with model.using(None):
+            outputs.append(model(**batch).logits)
+            entered.set()
+            release.wait(30)
+            outputs.append(model(**batch).logits)
+
+    thread = threading.Thread(target=hold, name="held-call")
+    thread.start()
+    assert entered.wait(30)
+    return thread, release
+
+
+def test_merge_waits_for_calls_in_flight():
+    model = ak.AdaptedModel(tiny_model("llama"))
+    randomized(model, "a", ak.LoRA(r=4), seed=0)
+    weight = model.model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    original = weight.detach().clone()
+    batch = tiny_batch("llama")
+    outputs: list[torch.Tensor] = []
+    holder, release = _held_call(model, batch, outputs)
+    merger = threading.Thread(target=model.merge_adapter, args=("a",))
+    merger.start()
+    merger.join(0.3)
+    # A bare call in flight reads the backbone: merging under it would change its answer half-way.
+    assert merger.is_alive() and model.merged_adapter is None and torch.equal(weight, original)
+    release.set()
+    holder.join(30)
+    merger.join(30)
+    assert torch.equal(outputs[0], outputs[1]), "the call in flight saw the weights change under it"
+    assert model.merged_adapter == "a" and not torch.equal(weight, original)
+    model.unmerge_adapter()
+    assert torch.equal(weight, original)
+
+
+def test_merge_and_unmerge_with_a_timeout_name_the_call_in_flight():
+    model = ak.AdaptedModel(tiny_model("llama"))
+    randomized(model, "a", ak.LoRA(r=4), seed=0)
+    weight = model.model.get_submodule("model.layers.0.self_attn.q_proj").weight
+    original = weight.detach().clone()
+    outputs: list[torch.Tensor] = []
+    holder, release = _held_call(model, tiny_batch("llama"), outputs)
+    with pytest.raises(ak.AdapterError, match=r"cannot merge 'a': the backbone is in use by 1 call in flight "
+                                              r"\(thread 'held-call' for .*\); nothing changed after waiting 0.2 s"):
+        model.merge_adapter("a", timeout=0.2)
+    assert model.merged_adapter is None and torch.equal(weight, original)
+    release.set()
+    holder.join(30)
+    model.merge_adapter("a", timeout=5)
+    merged = weight.detach().clone()
+    holder, release = _held_call(model, tiny_batch("llama"), outputs)  # a bare call now runs merged
+    with pytest.raises(ak.AdapterError, match=r"cannot unmerge 'a': the backbone is in use by 1 call in flight"):
+        model.unmerge_adapter(timeout=0.2)
+    assert model.merged_adapter == "a" and torch.equal(weight, merged)
+    release.set()
+    holder.join(30)
+    model.unmerge_adapter(timeout=5)
+    assert model.merged_adapter is None and torch.equal(weight, original)
+
+
+def test_merge_from_inside_a_call_is_refused_not_deadlocked():
+    model = ak.AdaptedModel(tiny_model("llama"))
+    randomized(model, "a", ak.LoRA(r=4), seed=0)
+    with model.using(None):
+        with pytest.raises(ak.AdapterError, match="from inside a call .* it would wait for itself"):
+            model.merge_adapter("a")
+    model.merge_adapter("a")
+    with model.using(None):
+        with pytest.raises(ak.AdapterError, match="from inside a call"):
+            model.unmerge_adapter()
+    model.unmerge_adapter()
+    assert model.merged_adapter is None

@@ -19,11 +19,11 @@ import torch
 import transformers as tf
 
 import adaptkit as ak
+from adaptkit.generation.continuous import ContinuousBatch, DecodingRow, unsupported
 from adaptkit.serving.catalog import AdapterCatalog
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ServeSettings
-from adaptkit.serving.work import BatchKey, Job, Row
-from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow, unsupported
+from adaptkit.serving.work import BatchKey, Job, RequestRow
 from adaptkit.tasks.generate import Generator
 from adaptkit.tasks.translate import Translator
 from test_train import tiny_tokenizer
@@ -222,7 +222,7 @@ def test_scheduler_answers_equal_each_request_alone(tmp_path, backbone, continuo
         try:
             for k, (text, adapter, task, key) in enumerate(requests):
                 job = Job(loop, 1)
-                rows.append(Row(job, 0, key, adapter, text, "en", "de", task))
+                rows.append(RequestRow(job, 0, key, adapter, text, "en", "de", task))
                 scheduler.submit(job, rows[-1:])
                 jobs.append(job)
                 if k % 5 == 4:
@@ -252,20 +252,21 @@ def test_rows_stop_joining_while_an_older_row_needs_a_generate_call(tmp_path):
 
     def rows(loop, key):
         job = Job(loop, 1)
-        return [Row(job, 0, key, "lora", "a1 a2", "en", "de")]
+        return [RequestRow(job, 0, key, "lora", "a1 a2", "en", "de")]
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         beam, greedy = rows(loop, BatchKey("translate", 2, 4)), rows(loop, BatchKey("translate", 1, 4))
         for row in (*beam, *greedy):
             row.decoding = scheduler.runner.decoding_row(row) if row.key.num_beams == 1 else None
-        scheduler._pending = [*beam, *greedy]
-        with scheduler._cond:
-            assert scheduler._joiners(engine) == []  # the beam row is older: the engine drains first
-        scheduler._pending = [*greedy, *beam]
-        with scheduler._cond:
-            assert scheduler._joiners(engine) == greedy
-        assert scheduler._pending == beam
+        queue, driver = scheduler.admission, scheduler.driver
+        queue.pending = [*beam, *greedy]
+        with scheduler._lock:
+            assert driver._joiners(engine) == []  # the beam row is older: the engine drains first
+        queue.pending = [*greedy, *beam]
+        with scheduler._lock:
+            assert driver._joiners(engine) == greedy
+        assert queue.pending == beam
 
     asyncio.run(scenario())
 
@@ -287,7 +288,7 @@ def test_a_cancelled_request_leaves_the_running_batch_at_its_next_step(tmp_path)
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         long_job, short_job = Job(loop, 1), Job(loop, 1)
-        long_row = Row(long_job, 0, BatchKey("translate", 1, 40), "lora", "a1 a2", "en", "de")
+        long_row = RequestRow(long_job, 0, BatchKey("translate", 1, 40), "lora", "a1 a2", "en", "de")
         scheduler.submit(long_job, [long_row])
         scheduler.start()
         try:
@@ -295,7 +296,8 @@ def test_a_cancelled_request_leaves_the_running_batch_at_its_next_step(tmp_path)
                 await asyncio.sleep(0.001)
             scheduler.cancel(long_job)  # the client went away
             resume.set()
-            scheduler.submit(short_job, [Row(short_job, 0, BatchKey("translate", 1, 5), "prefix", "a3", "en", "de")])
+            short_row = RequestRow(short_job, 0, BatchKey("translate", 1, 5), "prefix", "a3", "en", "de")
+            scheduler.submit(short_job, [short_row])
             answer = await asyncio.wait_for(short_job.future, 60)
         finally:
             resume.set()

@@ -135,3 +135,17 @@ def test_generate_per_row_matches_alone(arch):
             alone = model.generate(**{k: v[row:row + 1] for k, v in batch.items()}, adapter=adapter,
                                    max_new_tokens=6, do_sample=False, **kwargs)
             assert torch.equal(mixed[row, : alone.shape[1]], alone[0]), (kwargs, row)
+
+
+def test_per_row_is_one_rule_for_every_field():
+    """One function for the tasks and the service: a list is per row; a tuple too, except as an adapter
+    stack, which applies to every row; a wrong length names the field."""
+    from adaptkit.core.routing import per_row
+
+    assert per_row("en", 3, "src_lang") == ["en", "en", "en"]
+    assert per_row(["en", "de"], 2, "src_lang") == ["en", "de"]
+    assert per_row(("en", "de"), 2, "src_lang") == ["en", "de"]
+    assert per_row(("a", "b"), 2, "adapter", stacks=True) == [("a", "b"), ("a", "b")]
+    assert per_row(["a", ("a", "b")], 2, "adapter", stacks=True) == ["a", ("a", "b")]
+    with pytest.raises(ak.AdapterError, match="'adapter' has 2 entries for 3 texts; give one per text or a single"):
+        per_row(["a", None], 3, "adapter", stacks=True)

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerFast
 
 import adaptkit as ak
 from adaptkit.cli import main as cli_main
+from adaptkit.core.errors import SourceTooLong
 from adaptkit.data import PromptFormat
 from adaptkit.evaluation import evaluate
 from adaptkit.evaluation.generation import dialogue_metrics, distinct_n, evaluate_dialogue, evaluate_style
@@ -241,12 +242,50 @@ def test_routing_errors_name_the_fix():
         generator.generate(["a1"], adapter=None)
     with pytest.raises(ak.AdapterError, match="unknown task 'poetry'"):
         generator.generate(["a1"], adapter=None, task="poetry")
-    with pytest.raises(ak.AdapterError, match="2 values of adapter for 3 texts"):
+    with pytest.raises(ak.AdapterError, match="'adapter' has 2 entries for 3 texts; give one per text"):
         generator.generate(["a1", "a2", "a3"], adapter=["modern", None], task="style")
     with pytest.raises(ValueError, match="temperature >= 0"):
         generator.generate(["a1"], adapter="modern", temperature=-1)
     with pytest.raises(ak.AdapterError, match="encoder"):
         Generator(ak.AdaptedModel(tiny_model("bert"), tokenizer()))
+
+
+# -- long sources: split where the task allows, refused where it does not; never cut ----------------
+
+LONG = "a0 a1 a2 a3 a4. a5 a6 a7 a8 a9 a10. a11 a12 a13 a14."  # 18 tokens ("." is one): over a limit of 8
+PIECES = ["a0 a1 a2 a3 a4.", "a5 a6 a7 a8 a9 a10.", "a11 a12 a13 a14."]
+
+
+@pytest.mark.parametrize("arch", ["llama", "marian"])
+def test_a_long_style_source_is_generated_whole_in_pieces(arch):
+    model = task_bank("llama") if arch == "llama" else tiny(arch)
+    if arch == "marian":
+        model.add_adapter("modern", ak.LoRA(r=2, targets="all-linear"), task="style", src_lang="en", tgt_lang="en")
+        randomise(model, "modern", 0)
+    generator = Generator(model, max_source_len=8 if arch == "llama" else 7)
+    other_ending = LONG.replace("a11 a12 a13 a14", "a20 a21 a22 a23")
+    out = generator.generate([LONG, "a1 a2", other_ending], adapter="modern", max_new_tokens=3)
+    alone = generator.generate(PIECES, adapter="modern", max_new_tokens=3)
+    assert out[0] == " ".join(alone)
+    assert out[1] == generator.generate(["a1 a2"], adapter="modern", max_new_tokens=3)[0]
+    if arch == "llama":  # (the tiny marian writes the same few words whatever its source)
+        assert out[0] != out[2], "sources that differ only past the limit got the same output"
+
+
+def test_a_source_the_generator_cannot_split_is_refused_not_cut():
+    generator = Generator(task_bank(), max_source_len=8)
+    with pytest.raises(SourceTooLong, match="the source is 9 tokens long, over the limit of 8 .*a dialogue cannot "
+                                            "be split: shorten its longest turn") as caught:
+        generator.generate([["a1", "a2", " ".join(f"a{i}" for i in range(9))]], adapter="chat", max_new_tokens=3)
+    assert (caught.value.tokens, caught.value.limit) == (9, 8)
+    with pytest.raises(SourceTooLong, match="the source is 18 tokens long, over the limit of 8 .*a stream is one "
+                                            "prompt"):
+        generator.stream(LONG, adapter="modern")
+    with pytest.raises(SourceTooLong, match="the source is 18 tokens long, over the limit of 8 .*one row is one "
+                                            "prompt here"):
+        generator.decoding_parts(LONG, "modern", None, None, None)
+    ids, one_line = generator.decoding_parts(PIECES[1], "modern", None, None, None)  # within the limit: as before
+    assert ids == generator._prompt_ids(generator._rows([PIECES[1]], "modern", None, None, None)[0]) and one_line
 
 
 # -- evaluation that fits each task --------------------------------------------------------------

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("methods",),
     ("interop",),
     ("data", "corpora"),
+    ("generation",),
     ("tasks",),
     ("evaluation",),
     ("training",),

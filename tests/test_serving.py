@@ -35,7 +35,7 @@ from adaptkit.cli import main as adaptkit_main  # noqa: E402
 from adaptkit.serving.catalog import AdapterCatalog  # noqa: E402
 from adaptkit.serving.scheduler import Scheduler  # noqa: E402
 from adaptkit.serving.settings import ApiError, ServeSettings  # noqa: E402
-from adaptkit.serving.work import BatchKey, Job, Row  # noqa: E402
+from adaptkit.serving.work import BatchKey, Job, RequestRow  # noqa: E402
 from adaptkit.tasks.generate import Generator  # noqa: E402
 from adaptkit.tasks.translate import Translator  # noqa: E402
 from test_train import tiny_tokenizer  # noqa: E402
@@ -488,16 +488,16 @@ def test_queue_bound_and_cancelled_rows_never_run(tmp_path):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         first = Job(loop, 3)
-        scheduler.submit(first, [Row(first, i, key, None, "a1 a2", "en", "de") for i in range(3)])
+        scheduler.submit(first, [RequestRow(first, i, key, None, "a1 a2", "en", "de") for i in range(3)])
         second = Job(loop, 2)
         with pytest.raises(ApiError) as full:
-            scheduler.submit(second, [Row(second, i, key, None, "a1", "en", "de") for i in range(2)])
+            scheduler.submit(second, [RequestRow(second, i, key, None, "a1", "en", "de") for i in range(2)])
         assert full.value.status == 503 and full.value.code == "queue_full"
         assert full.value.headers["Retry-After"] == "1" and full.value.limit == ("max_queue", 4)
         scheduler.cancel(first)  # the client went away before the worker started
         assert scheduler.queue_depth == 0
         kept = Job(loop, 1)
-        scheduler.submit(kept, [Row(kept, 0, key, None, "a3 a4", "en", "de")])
+        scheduler.submit(kept, [RequestRow(kept, 0, key, None, "a3 a4", "en", "de")])
         scheduler.start()
         try:
             result = await asyncio.wait_for(kept.future, 60)
@@ -549,8 +549,8 @@ def test_a_slow_load_does_not_hold_up_requests_for_resident_adapters(tmp_path):
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
         for_a, for_b = Job(loop, 1), Job(loop, 1)
-        scheduler.submit(for_a, [Row(for_a, 0, key, "A", "a1 a2 a3", "en", "de")])
-        scheduler.submit(for_b, [Row(for_b, 0, key, "B", "a4 a5", "en", "de")])
+        scheduler.submit(for_a, [RequestRow(for_a, 0, key, "A", "a1 a2 a3", "en", "de")])
+        scheduler.submit(for_b, [RequestRow(for_b, 0, key, "B", "a4 a5", "en", "de")])
         scheduler.start()
         try:
             served_b = await asyncio.wait_for(for_b.future, 60)  # served while A's load is stuck
@@ -579,7 +579,7 @@ def test_one_resident_slot_serves_alternating_adapters_without_deadlock(tmp_path
         loop = asyncio.get_running_loop()
         jobs = [Job(loop, 1) for _ in texts]
         for job, text, name in zip(jobs, texts, names):
-            scheduler.submit(job, [Row(job, 0, key, name, text, "en", "de")])
+            scheduler.submit(job, [RequestRow(job, 0, key, name, text, "en", "de")])
         scheduler.start()
         try:
             return await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 120)
@@ -615,3 +615,52 @@ def test_service_on_an_int8_backbone_answers_as_the_int8_model_in_process(tmp_pa
     finally:
         process.terminate()
         process.wait(60)
+
+
+def test_sigterm_under_load_answers_every_request_or_says_shutting_down_and_exits_0(tmp_path):
+    """SIGTERM with 48 requests of 8 texts in flight, one row decoding at a time: the first requests finish
+    within the one-second grace (each takes well under it), the rest cannot (all take several times it). Each
+    gets its right answer or 503 shutting_down, none is dropped or left hanging, and the process exits 0."""
+    import signal
+
+    backbone, store, reference = build_store(tmp_path, NAMES[:2], CONFIGS[:2])
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_server([sys.executable, "-m", "adaptkit.cli.serve", "--backbone", str(backbone), "--store",
+                            str(store), "--port", str(port), "--max-batch", "1", "--shutdown-grace-s", "1",
+                            "--log-level", "warning"], tmp_path / "server.log", url + "/readyz")
+    rng = random.Random(5)
+    bodies = [{"texts": [words(rng) for _ in range(8)], "src_lang": "en", "tgt_lang": "de",
+               "adapter": NAMES[i % 2], **GEN} for i in range(48)]
+
+    async def load_then_sigterm() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+            sent = [asyncio.ensure_future(client.post("/v1/translate", json=body)) for body in bodies]
+            for _ in range(6000):  # every request accepted (counted once queued), then the signal
+                metrics = (await client.get("/metrics")).text
+                accepted = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                               if line.startswith("adaptkit_requests_total{"))
+                if accepted >= len(bodies):
+                    break
+                await asyncio.sleep(0.01)
+            process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(*sent)
+
+    try:
+        responses = asyncio.run(load_then_sigterm())
+        code = process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    translator = Translator(reference)
+    answered = 0
+    for body, response in zip(bodies, responses):
+        if response.status_code == 200:
+            answered += 1
+            assert response.json()["translations"] == translator.translate(body["texts"], "en", "de",
+                                                                            adapter=body["adapter"], **GEN)
+        else:
+            assert_error(response, 503, "shutting_down")
+    assert code == 0, (tmp_path / "server.log").read_text()[-2000:]
+    assert 0 < answered < len(bodies)  # in flight at the signal: some finished within the grace, some did not

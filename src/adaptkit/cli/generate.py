@@ -117,7 +117,9 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> argparse.Arg
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, help="seed of the sampling")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-source-len", type=int, default=256, help="source tokens kept per text")
+    parser.add_argument("--max-source-len", type=int, default=256,
+                        help="source tokens per prompt: a longer translate or style text is generated in pieces "
+                             "(split at sentence ends), a longer dialogue turn refused; never cut")
     parser.set_defaults(func=generate_command)
     return parser
 

@@ -7,7 +7,9 @@
     adaptkit serve --ray --address auto --store s3://bucket/adapters ...     # on a cluster (ray start --head)
 
 `--adapter FILE` copies adapter files into the store at start-up (checked like an upload, under the
-name in their header). Needs the `serve` extra: pip install 'adaptkit[serve]' (with --ray: 'adaptkit[ray]').
+name in their header). Connections, request heads and bodies are bounded (--max-connections,
+--header-timeout-s, --body-timeout-s, --min-body-rate, --keep-alive-s, --max-header-bytes).
+Needs the `serve` extra: pip install 'adaptkit[serve]' (with --ray: 'adaptkit[ray]').
 With --ray the same HTTP API runs as a Ray Serve application: replicas of the backbone, each holding
 at most --adapters-per-replica adapters, requests sent to a replica that holds theirs.
 """
@@ -36,9 +38,8 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.ray:
         return serve_on_ray(args)
     try:
-        import uvicorn
-
         from adaptkit.serving.app import create_app
+        from adaptkit.serving.server import check_limits, configure_server
     except ModuleNotFoundError as error:
         print(f"error: {error.name} is missing; install the service's dependencies: pip install 'adaptkit[serve]'",
               file=sys.stderr)
@@ -46,11 +47,12 @@ def serve_command(args: argparse.Namespace) -> int:
     try:
         keys = load_api_keys(args.api_key_file) if args.api_key_file else ()
         settings = ServeSettings(**given(args, ServeSettings))
+        check_limits(settings)  # before the backbone loads: a bad flag fails in a second, not a minute
         model = load(args.backbone, store=args.store, max_resident=args.max_resident, dtype=args.dtype,
                      device=args.device, quantize=args.quantize)
         catalog = AdapterCatalog(model.store)
         for path in args.adapter or ():
-            entry = catalog.install(model, Path(path).read_bytes(), None, replace=True)
+            entry = catalog.add_file(model, Path(path), replace=True)
             print(f"adapter {entry.name!r} ({entry.info['method']}) from {path} → {model.store.root}", file=sys.stderr)
     except (AdapterError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -59,7 +61,8 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key-file: anyone who reaches it can use it and "
               "upload or delete adapters", file=sys.stderr)
     app = create_app(model, settings=settings, api_keys=keys)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn with the connection, header, body and keep-alive limits (serving/server.py)
+    configure_server(app, settings, host=args.host, port=args.port, log_level=args.log_level).run()
     return 0
 
 

@@ -95,7 +95,7 @@ def remove_stale_temps(target: Path) -> list[Path]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # a writer is alive and writing it
-            if _same_file(fd, tmp):
+            if same_file(fd, tmp):
                 tmp.unlink()
                 removed.append(tmp)
         finally:
@@ -115,12 +115,13 @@ def _locked_temp(target: Path) -> tuple[int, Path]:
         fcntl.flock(fd, fcntl.LOCK_EX)
         # Another writer's cleanup may have taken the lock and removed the file in the instant between
         # creating and locking it; then start over under a new name.
-        if _same_file(fd, tmp):
+        if same_file(fd, tmp):
             return fd, tmp
         os.close(fd)
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
+    """Whether `path` (not followed if a link) names the file open as `fd`: it was not replaced or removed."""
     try:
         named = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:

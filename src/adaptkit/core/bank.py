@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -26,6 +26,7 @@ from adaptkit.core.backbone import contiguous_head_input, fingerprint, freeze, l
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.quantize import quantize_backbone
 from adaptkit.core.registry import adapter_class_for
+from adaptkit.core.regularizer import add_regularizers
 from adaptkit.core.routing import AdapterSpec, Routing, current_routing, recompute_under_this_routing, routing_scope
 from adaptkit.core.safebuild import build_from_file
 
@@ -75,6 +76,7 @@ class AdaptedModel(nn.Module):
         self._adapters = nn.ModuleDict()  # slot key → Adapter (registered, so .to() moves adapters too)
         self._slots: OrderedDict[str, str] = OrderedDict()  # adapter name → slot key, LRU order
         self._metadata: dict[str, dict[str, Any]] = {}
+        self._versions: dict[str, str | None] = {}  # adapter name → checksum of the file it came from
         self._next_slot = 0
         self._merged: str | None = None
         self._pins: Counter[str] = Counter()  # adapter name → calls in flight (and loads) that need it
@@ -83,6 +85,9 @@ class AdaptedModel(nn.Module):
         self._removing: set[str] = set()  # names whose removal waits for their calls; new calls wait for it
         self._lock = threading.RLock()
         self._released = threading.Condition(self._lock)  # notified when pins drop or a removal ends
+        # False when an owner (the service's scheduler) decides what is resident: a call for an adapter that
+        # is not loaded then fails instead of loading it from the store behind the owner's back.
+        self.load_on_use = True
         self._backbone_fingerprint = backbone_fingerprint
         self.eval()
 
@@ -119,7 +124,7 @@ class AdaptedModel(nn.Module):
         adapter = adapter_class_for(config.method)(name, config, self.arch)
         return self._insert(name, adapter, metadata)
 
-    def _insert(self, name: str, adapter: Adapter, metadata: dict[str, Any]) -> Adapter:
+    def _insert(self, name: str, adapter: Adapter, metadata: dict[str, Any], version: str | None = None) -> Adapter:
         _check_name(name)
         self._check_adapts_something(name, adapter)
         adapter.train(self.training)  # dropout follows the model: off after eval(), as a loaded model is
@@ -140,6 +145,7 @@ class AdaptedModel(nn.Module):
             self._adapters[key] = adapter
             self._slots[name] = key
             self._metadata[name] = {k: v for k, v in metadata.items() if v is not None}
+            self._versions[name] = version
         return adapter
 
     def _check_adapts_something(self, name: str, adapter: Adapter) -> None:
@@ -180,6 +186,7 @@ class AdaptedModel(nn.Module):
                 self.get_adapter(name).detach()
                 del self._adapters[self._slots.pop(name)]
                 self._metadata.pop(name, None)
+                self._versions.pop(name, None)
             finally:
                 self._removing.discard(name)
                 self._released.notify_all()
@@ -258,6 +265,26 @@ class AdaptedModel(nn.Module):
         trust that has none or a wrong one), and its config is tried on the meta device before any
         memory is allocated from it (safebuild.py).
         """
+        name, adapter, info = self._build_from_file(path, name, check_backbone=check_backbone, verify=verify)
+        self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")},
+                     version=info.get("sha256"))
+        return name
+
+    def check_adapter_file(self, path: str | Path, name: str | None = None, *, check_backbone: bool = True
+                           ) -> dict[str, Any]:
+        """Every check `load_adapter` makes (checksum, backbone fingerprint, each tensor built), without
+        touching the bank; returns the file's header info. For uploads: refused files never reach a store."""
+        adapter_name, _, info = self._build_from_file(path, name, check_backbone=check_backbone, verify=True,
+                                                      allow_loaded_name=True)
+        return {**info, "name": adapter_name}
+
+    def adapter_version(self, name: str) -> str | None:
+        """The checksum (`adaptkit.sha256`) of the file the adapter was loaded from; None when it was built here."""
+        self.get_adapter(name)
+        return self._versions.get(name)
+
+    def _build_from_file(self, path: str | Path, name: str | None, *, check_backbone: bool, verify: bool,
+                         allow_loaded_name: bool = False) -> tuple[str, Adapter, dict[str, Any]]:
         path = self._explicit_path(path)
 
         def build(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> tuple[str, Adapter, dict[str, Any]]:
@@ -269,7 +296,7 @@ class AdaptedModel(nn.Module):
                 except (TypeError, ValueError, RuntimeError) as error:  # a damaged fingerprint in a verified file
                     raise AdapterError(f"{path.name}: its backbone fingerprint cannot be read ({error})") from None
             adapter_name = name or info.get("name") or path.stem
-            if adapter_name in self._slots:
+            if adapter_name in self._slots and not allow_loaded_name:
                 raise AdapterError(f"an adapter named {adapter_name!r} is already loaded; pass name=... to load it "
                                    "under another")
             adapter = build_from_file(adapter_class_for(info["method"]), adapter_name, tensors, info, self.arch,
@@ -277,10 +304,8 @@ class AdaptedModel(nn.Module):
                                       source=path.name)
             return adapter_name, adapter, info
 
-        # built while the file's checksum is computed beside it; inserted only once it matched
-        name, adapter, info = build_from_adapter_file(path, build, verify=verify)
-        self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")})
-        return name
+        # built while the file's checksum is computed beside it; returned only once it matched
+        return build_from_adapter_file(path, build, verify=verify)
 
     def load_from_store(self, name: str, *, check_backbone: bool = True) -> str:
         """Load the store's adapter `name` under that name. The name is resolved by the store, which
@@ -324,11 +349,28 @@ class AdaptedModel(nn.Module):
                 for name in names:
                     if name in self._slots:
                         self._slots.move_to_end(name)
-                    elif self.store is not None and name in self.store:
+                    elif self.load_on_use and self.store is not None and name in self.store:
                         self.load_from_store(name)
                     else:
                         raise AdapterError(f"no adapter named {name!r}; loaded: {self.adapters}"
                                            + (f"; in the store: {self.store.names()}" if self.store else ""))
+
+    def pin(self, names: Iterable[str]) -> int:
+        """Keep resident adapters in the bank until `unpin(token)`: out of LRU eviction, and `remove_adapter`
+        waits for them. For an owner whose rows use adapters across many calls (a continuous batch)."""
+        names = frozenset(names)
+        with self._lock:
+            missing = sorted(names - set(self._slots))
+            if missing:
+                raise AdapterError(f"cannot pin {missing}: not loaded; loaded: {self.adapters}")
+            return self._pin(names)
+
+    def unpin(self, token: int) -> None:
+        with self._lock:
+            call = self._calls.get(token)
+            if call is None:
+                raise AdapterError(f"no pin {token} is held")
+            self._unpin(token, call.names)
 
     def _held_by_this_thread(self) -> frozenset[str]:
         me = threading.get_ident()
@@ -411,11 +453,8 @@ class AdaptedModel(nn.Module):
     def _add_regularization(self, loss: torch.Tensor) -> torch.Tensor:
         """Add each routed adapter's training regularizer (AdaLoRA's orthogonality) to the loss."""
         routing = current_routing()
-        for name in sorted(routing.names if routing is not None else ()):
-            term = self.get_adapter(name).regularization_loss()
-            if term is not None:
-                loss = loss + term.to(loss.device)
-        return loss
+        names = sorted(routing.names) if routing is not None else []
+        return add_regularizers(loss, (self.get_adapter(name) for name in names))
 
     def enable_activation_checkpointing(self) -> None:
         """Keep only each transformer layer's input for the backward pass and recompute the rest there:
@@ -436,27 +475,61 @@ class AdaptedModel(nn.Module):
             return self.model.generate(*args, **kwargs)
 
     # -- merging (LoRA family) -------------------------------------------------------------------
-    def merge_adapter(self, name: str) -> None:
-        """Fold an adapter into the backbone weights: no per-call overhead until unmerged."""
+    def merge_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        """Fold an adapter into the backbone weights: no per-call overhead until unmerged.
+
+        Merging rewrites weights that every call reads, so it waits until no call is in flight (any
+        call: bare ones read the same weights); calls that start after it see the merged backbone.
+        With `timeout` (seconds), give up after that long with an AdapterError naming the calls in
+        flight and leave the backbone as it was, as `remove_adapter` does.
+        """
         with self._lock:
-            if self._merged is not None:
-                raise AdapterError(f"{self._merged!r} is already merged; unmerge_adapter() first")
-            if self.quantization is not None:
-                raise AdapterError(
-                    f"cannot merge {name!r}: this backbone's Linear weights are quantised "
-                    f"({self.quantization['scheme']}, {self.quantization['library']}), and adding the update would "
-                    "mean dequantise, add, requantise, moving every weight by up to a rounding step, so unmerge "
-                    "could not restore them. Keep the adapter unmerged (it runs in full precision beside the "
-                    "quantised weights), or load the backbone without quantize= to merge")
+            self._check_mergeable(name)
+            self._wait_for_no_calls(f"merge {name!r}", timeout)
+            self._check_mergeable(name)  # the lock was let go while waiting: another thread may have merged
             self.get_adapter(name).merge()
             self._merged = name
 
-    def unmerge_adapter(self) -> None:
-        """Restore the backbone weights exactly as loaded."""
+    def _check_mergeable(self, name: str) -> None:
+        if self._merged is not None:
+            raise AdapterError(f"{self._merged!r} is already merged; unmerge_adapter() first")
+        if self.quantization is not None:
+            raise AdapterError(
+                f"cannot merge {name!r}: this backbone's Linear weights are quantised "
+                f"({self.quantization['scheme']}, {self.quantization['library']}), and adding the update would "
+                "mean dequantise, add, requantise, moving every weight by up to a rounding step, so unmerge "
+                "could not restore them. Keep the adapter unmerged (it runs in full precision beside the "
+                "quantised weights), or load the backbone without quantize= to merge")
+        self.get_adapter(name)
+
+    def unmerge_adapter(self, *, timeout: float | None = None) -> None:
+        """Restore the backbone weights exactly as loaded, once no call is in flight (`timeout` as in
+        `merge_adapter`)."""
         with self._lock:
+            if self._merged is not None:
+                self._wait_for_no_calls(f"unmerge {self._merged!r}", timeout)
             if self._merged is not None:
                 self.get_adapter(self._merged).unmerge()
                 self._merged = None
+
+    def _wait_for_no_calls(self, what: str, timeout: float | None) -> None:
+        """Return, holding the lock, once no call is in flight; AdapterError after `timeout` seconds."""
+        me = threading.get_ident()
+        if any(c.thread_id == me for c in self._calls.values()):
+            raise AdapterError(f"cannot {what} from inside a call (this thread is in one): it would wait for "
+                               "itself. Do it after the call, or from another thread")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._calls:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                now = time.monotonic()
+                calls = ", ".join(f"thread {c.thread_name!r} for {now - c.started:.1f} s" for c in self._calls.values())
+                raise AdapterError(f"cannot {what}: the backbone is in use by {len(self._calls)} call"
+                                   f"{'s' if len(self._calls) != 1 else ''} in flight ({calls}); nothing changed "
+                                   f"after waiting {timeout} s. Retry later, or call without a timeout to wait "
+                                   "until they finish")
+            # `_unpin` wakes waiters only while a removal is pending: poll as well as wait.
+            self._released.wait(0.01 if left is None else min(0.01, left))
 
     @property
     def merged_adapter(self) -> str | None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -145,3 +146,58 @@ def recompute_under_this_routing() -> tuple[contextlib.AbstractContextManager, c
     of this call). The backward may run the recomputation outside the call's scope or in another thread
     (autograd's device threads on GPU), where the context variable would say "no adapter"."""
     return contextlib.nullcontext(), routing_scope(current_routing())
+
+
+# -- per-row values and routing keys: the rules every task and the service share ----------------------
+
+def per_row(value: Any, n: int, what: str, *, stacks: bool = False) -> list:
+    """One value per row: a list (or tuple) gives them row by row, anything else applies to every row.
+
+    With `stacks` (an adapter field) a tuple is one adapter stack, applied to every row: only a list
+    is per row there. A per-row list of the wrong length is an AdapterError naming the field.
+    """
+    if isinstance(value, list) or (isinstance(value, tuple) and not stacks):
+        if len(value) != n:
+            raise AdapterError(f"'{what}' has {len(value)} entries for {n} texts; give one per text or a single value")
+        return list(value)
+    return [value] * n
+
+
+def match_adapter(candidates: Iterable[tuple[str, Mapping[str, Any]]], src_lang: str, tgt_lang: str,
+                  domain: str | None = None) -> str | None:
+    """The adapter whose routing keys fit (src, tgt, domain), or None: same pair and same domain, else a
+    pair-only adapter (no domain), which serves any domain. Among equals the first name in sorted order, so
+    the answer never depends on the order the candidates come in (load order, LRU order, a directory's)."""
+    best: tuple[int, str] | None = None
+    for name, meta in candidates:
+        if meta.get("src_lang") != src_lang or meta.get("tgt_lang") != tgt_lang:
+            continue
+        if meta.get("domain") not in (None, domain):
+            continue
+        rank = (0 if domain is not None and meta.get("domain") == domain else 1, name)
+        if best is None or rank < best:
+            best = rank
+    return None if best is None else best[1]
+
+
+def route_by_keys(candidates: Iterable[tuple[str, Mapping[str, Any]]], src_lang: str, tgt_lang: str,
+                  domain: str | None, *, fix: str, where: str = "") -> str:
+    """`match_adapter`, or an AdapterError naming the pair, what the candidates serve and `fix`. A row is
+    never sent to the bare backbone for want of an adapter: that is asked for by name (adapter=None)."""
+    candidates = list(candidates)
+    name = match_adapter(candidates, src_lang, tgt_lang, domain)
+    if name is not None:
+        return name
+    unkeyed = sorted(n for n, meta in candidates if not (meta.get("src_lang") and meta.get("tgt_lang")))
+    raise AdapterError(f"{where}no adapter translates {src_lang}→{tgt_lang}"
+                       + (f" (domain {domain!r})" if domain is not None else "")
+                       + f"; adapters serve: {served_pairs(candidates)}"
+                       + (f"; without routing keys (src_lang / tgt_lang in the file): {unkeyed}" if unkeyed else "")
+                       + f". {fix}")
+
+
+def served_pairs(candidates: Iterable[tuple[str, Mapping[str, Any]]]) -> str:
+    """`en→de, en→de (legal)`: what the candidates with routing keys translate, or `nothing`."""
+    pairs = sorted({f"{meta['src_lang']}→{meta['tgt_lang']}" + (f" ({meta['domain']})" if meta.get("domain") else "")
+                    for _, meta in candidates if meta.get("src_lang") and meta.get("tgt_lang")})
+    return ", ".join(pairs) or "nothing"

@@ -11,6 +11,11 @@ A header can claim any config: `r=1000000` in a 44 KB file once grew the process
    adapter is never much larger than its file, nor than a fraction of its backbone.
 2. only then the real build and load.
 
+Values are checked too, since a checksum only proves that a file is the one its writer meant: every
+tensor must have the kind of dtype (floating point, integer, boolean) of the adapter tensor it fills
+(an I32 tensor for float weights would otherwise be cast and load), and every floating-point tensor
+must be finite (an adapter with a NaN weight loads, then answers garbage or "" for every request).
+
 A dry run reads only the family, its config, the backbone's layout, the file's tensor names,
 dtypes and shapes, the task head's description and the bound, and meta tensors hold no values: the
 same inputs give the same verdict. So a verdict that passed is remembered (per backbone, the last
@@ -112,7 +117,9 @@ def build_from_file(adapter_class: type[Adapter], name: str, tensors: dict[str, 
         counter = _CountAllocations(limit)
         try:
             with torch.device("meta"), _fresh_masks_all_true(), counter:
-                adapter_class(name, config, arch).load_file(stand_ins, info)
+                built = adapter_class(name, config, arch)
+                built.load_file(stand_ins, info)
+                _check_dtype_kinds(stand_ins, built.file_tensors())  # in the context: AdaLoRA's masks index
         except _TooLarge:
             raise AdapterError(
                 f"its config would allocate more than {limit:,} elements to build a {method} adapter whose file "
@@ -131,6 +138,8 @@ def build_from_file(adapter_class: type[Adapter], name: str, tensors: dict[str, 
             if len(passed) > PASSED_KEPT:
                 passed.popitem(last=False)
 
+    _check_finite(tensors, source)
+
     def real() -> Adapter:
         token = _LOADING.set(True)
         try:
@@ -141,6 +150,38 @@ def build_from_file(adapter_class: type[Adapter], name: str, tensors: dict[str, 
         return adapter
 
     return _guarded(source, f"building the {method} adapter", real)
+
+
+def _kind(dtype: torch.dtype) -> str:
+    return "boolean" if dtype == torch.bool else "floating-point" if dtype.is_floating_point else "integer"
+
+
+def _check_dtype_kinds(stored: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Each stored tensor has the kind of dtype of the adapter tensor it fills: loading copies with a cast, so an
+    integer tensor would silently become float weights (or a float one a boolean mask). Part of the dry run, whose
+    remembered verdicts key on the stored dtypes."""
+    for key in sorted(stored):
+        want = expected.get(key)
+        if want is not None and _kind(stored[key].dtype) != _kind(want.dtype):
+            raise AdapterError(f"tensor {key!r} is stored as {stored[key].dtype} ({_kind(stored[key].dtype)}) but "
+                               f"fills the adapter's {want.dtype} ({_kind(want.dtype)}) tensor: the file is damaged "
+                               "or was not written by adaptkit; re-export it")
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Every floating-point value is finite: a NaN or an infinity in one weight spreads to every output."""
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+            continue
+        if tensor.dtype == torch.float8_e4m3fn:  # no isfinite kernel for it; the cast keeps NaN a NaN
+            tensor = tensor.to(torch.float16)
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int(tensor.numel() - finite.sum())
+            raise AdapterError(f"{source}: tensor {key!r} holds {bad:,} non-finite value{'s' if bad != 1 else ''} "
+                               f"(NaN or infinity) of its {tensor.numel():,}: an adapter with them answers garbage. "
+                               "Training diverged or the file was damaged; re-train or re-export it")
 
 
 def _guarded(source: str, doing: str, step: Any) -> Any:

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adaptkit.core.regularizer import add_regularizers
+
 # Logit elements of one chunk: 2^24 float32 (64 MiB), e.g. 64 positions of gemma3's 262k vocabulary
 # or 512 of a 32k one; the chunk's softmax is taken in place, so this is about the whole extra memory.
 CHUNK_LOGITS = 2**24
@@ -170,9 +172,7 @@ def target_loss(model: Any, batch: dict[str, torch.Tensor], adapter: Any, *, sli
     output = forward(**inputs, logits_to_keep=torch.zeros_like(keep), output_hidden_states=True, adapter=adapter)
     loss = chunked_cross_entropy(output.hidden_states[-1][keep], head.weight, head.bias, targets, softcap, chunk)
     if model.training and isinstance(adapter, str):  # what the bank adds to a model's own loss
-        term = model.get_adapter(adapter).regularization_loss()
-        if term is not None:
-            loss = loss + term.to(loss.device)
+        loss = add_regularizers(loss, [model.get_adapter(adapter)])
     return loss
 
 

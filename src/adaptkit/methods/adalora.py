@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -237,7 +238,10 @@ class AdaLoRAAdapter(LowRankAdapter):
         self._warned = False
         first = self.allocator.updates[0].Lambda if self.allocator.updates else None
         if first is not None:  # counts training steps, to catch a loop that forgets on_step_end
-            first.register_post_accumulate_grad_hook(self._count_backward)
+            # Through a weak reference: a tensor's hook holding its adapter is a cycle the collector never
+            # breaks, and the adapter holds the backbone's Arch (so its modules) for ever.
+            count = weakref.WeakMethod(self._count_backward)
+            first.register_post_accumulate_grad_hook(lambda param: _call_if_alive(count, param))
 
     def make_update(self, in_features: int, out_features: int) -> nn.Module:
         c = self.config
@@ -387,3 +391,9 @@ class AdaLoRAAdapter(LowRankAdapter):
             rank_pattern={p: int(ours[f"{p}.Q"].shape[0]) for p in targets},
         )
         return adalora, ours
+
+
+def _call_if_alive(method: weakref.WeakMethod, *args: Any) -> None:
+    bound = method()
+    if bound is not None:
+        bound(*args)

@@ -254,6 +254,8 @@ def _file_key(state_key: str) -> str:
 # -- one forward hook per (module, family), shared by that family's adapters on the module ------
 
 HookFn = Callable[["HookSite", nn.Module, tuple, Any, Routing], Any]
+# Module → its sites. A value must never hold its key strongly (a site keeps only a weak reference to its
+# module), or the entry keeps the module, and through its parents the whole backbone, alive for ever.
 _SITES: weakref.WeakKeyDictionary[nn.Module, dict[str, HookSite]] = weakref.WeakKeyDictionary()
 
 
@@ -265,7 +267,7 @@ class HookSite:
     """
 
     def __init__(self, module: nn.Module, apply: HookFn, pre: bool = False):
-        self.module = module
+        self._module = weakref.ref(module)
         self.apply = apply
         self.members: dict[str, nn.Module] = {}
         if pre:
@@ -283,13 +285,19 @@ class HookSite:
         site.members[adapter_name] = member
         return site
 
+    @property
+    def module(self) -> nn.Module | None:
+        """The hooked module; None once it was freed (the model was dropped with its adapters attached)."""
+        return self._module()
+
     def leave(self, adapter_name: str) -> None:
         self.members.pop(adapter_name, None)
         if not self.members:
             self.handle.remove()
-            for key, site in list(_SITES.get(self.module, {}).items()):
+            sites = _SITES.get(self.module, {}) if self.module is not None else {}
+            for key, site in list(sites.items()):
                 if site is self:
-                    del _SITES[self.module][key]
+                    del sites[key]
 
     def _active(self) -> Routing | None:
         routing = current_routing()

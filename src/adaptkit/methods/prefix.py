@@ -130,11 +130,17 @@ class PrefixSite:
     """The prefix adapters on one attention module, and how to stack them for a routed batch."""
 
     def __init__(self, module: nn.Module):
-        self.module = module
+        # Weak: this site is the value of `_SITES[module]`, and a value holding its key keeps it alive for ever.
+        self._module = weakref.ref(module)
         self.members: dict[str, PrefixKV] = {}
         # A later `set_attn_implementation(...)` would silently route around the wrapper:
         # point this module's config back at it just before the module reads it.
         self.hook = module.register_forward_pre_hook(_keep_wrapped)
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The attention module; None once it was freed (its model dropped with prefix adapters attached)."""
+        return self._module()
 
     def close(self) -> None:
         self.hook.remove()
@@ -290,7 +296,7 @@ def _keep_wrapped(module: nn.Module, args: tuple) -> None:
 
 def _switch_off_unused(modules: list[nn.Module]) -> None:
     """Give back the original attention to configs that no prefix adapter needs any more."""
-    in_use = {id(site.module.config) for site in list(_SITES.values()) if site.members}
+    in_use = {id(module.config) for module, site in list(_SITES.items()) if site.members}
     for config in _configs_of(modules):
         impl = config._attn_implementation
         if id(config) not in in_use and impl.startswith(WRAPPER_PREFIX):

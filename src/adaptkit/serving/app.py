@@ -27,7 +27,7 @@ from fastapi.responses import Response
 from adaptkit.core.adapterfile import AdapterStore
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
-from adaptkit.serving.catalog import AdapterCatalog, BadAdapterName, store_path
+from adaptkit.serving.catalog import AdapterCatalog, AdapterExists, BadAdapterName
 from adaptkit.serving.guard import Guard, add_error_handlers
 from adaptkit.serving.metrics import ServeMetrics
 from adaptkit.serving.routes import ERRORS, adapter_info, add_inference_routes, add_listing_route, client_gone
@@ -35,7 +35,8 @@ from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.schemas import AdapterInfo, Deleted, ErrorBody, Health, Ready
 from adaptkit.serving.settings import ApiError, ServeSettings
 from adaptkit.serving.streaming import Streams
-from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.serving.uploads import Uploads, clean_scratch
+from adaptkit.serving.work import BatchKey, Job, RequestRow
 from adaptkit.tasks.generate import Generator
 
 
@@ -55,6 +56,9 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # uploads stream into the store; what a killed one left there goes before anything reads the store
+        app.state.uploads = Uploads(catalog.store.root, settings)
+        await asyncio.to_thread(clean_scratch, catalog.store.root)
         await asyncio.to_thread(catalog.refresh)
         scheduler.start()
         try:
@@ -71,15 +75,17 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
 
     async def submit(request: Request, key: BatchKey, texts: list[str], adapters: list[str | None],
                      srcs: list[str] | None, tgts: list[str] | None, tasks: list[str] | None,
-                     accepted: Callable[[], None]) -> tuple[list[str], dict[str, Any]]:
+                     accepted: Callable[[], None]) -> tuple[list[str], list[str | None], dict[str, Any]]:
         job = Job(asyncio.get_running_loop(), len(texts))
-        rows = [Row(job, i, key, adapters[i], texts[i], srcs[i] if srcs else None, tgts[i] if tgts else None,
-                    tasks[i] if tasks else None) for i in range(len(texts))]
+        rows = [RequestRow(job, i, key, adapters[i], texts[i], srcs[i] if srcs else None,
+                           tgts[i] if tgts else None, tasks[i] if tasks else None) for i in range(len(texts))]
         scheduler.submit(job, rows)
         accepted()
         watcher = asyncio.ensure_future(client_gone(request))
         try:
-            await asyncio.wait({job.future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({job.future, watcher}, timeout=settings.request_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            client_left = watcher.done()
         except asyncio.CancelledError:
             scheduler.cancel(job)
             raise
@@ -88,8 +94,11 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
         if not job.future.done():
             scheduler.cancel(job)
             job.future.cancel()
+            if not client_left:
+                raise ApiError(504, "request_timeout", f"no answer within {settings.request_timeout_s:g} s "
+                               "(--request-timeout); its rows were dropped. Retry, or ask for fewer or shorter texts")
             raise ApiError(499, "client_closed_request", "the client disconnected; its waiting rows were dropped")
-        return job.future.result(), job.timings()
+        return job.future.result(), list(job.versions), job.timings()
 
     add_inference_routes(app, catalog, settings, metrics, submit,
                          Streams(Generator(model), settings, metrics, scheduler))
@@ -106,36 +115,40 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
                                                       "default: the name in the file's header"),
                              replace: bool = Query(False, description="Replace an adapter of the same name")
                              ) -> AdapterInfo:
-        """Upload one adapter file. It is checked like `load_adapter` (format, checksum, backbone
-        fingerprint, tensor shapes) before anything is written; then written into the store atomically."""
-        if name is not None:
-            try:
-                store_path(catalog.store, name)
-            except BadAdapterName as error:
-                raise ApiError(400, "bad_adapter_name", str(error)) from None
-        data = await request.body()
-        if not data:
-            raise ApiError(422, "empty_upload", "the body is empty; send the .safetensors file as the raw body")
+        """Upload one adapter file, streamed into the store (never held in memory). It is checked like
+        `load_adapter` (format, checksum, backbone fingerprint, tensor shapes and dtypes, finite values)
+        before it takes the name; then moved into place atomically."""
         try:
-            entry = await scheduler.call_exclusive(lambda: catalog.install(model, data, name, replace))
+            if name is not None:
+                catalog.installable(name)
         except BadAdapterName as error:
             raise ApiError(400, "bad_adapter_name", str(error)) from None
-        except FileExistsError:
-            raise ApiError(409, "adapter_exists", f"an adapter named {name!r} is in the store; pass replace=true "
-                                                  "to replace it") from None
-        except AdapterError as error:
-            raise ApiError(422, "invalid_adapter_file", f"the file was refused, nothing was written: {error}") from None
+        async with request.app.state.uploads.receive(request) as path:
+            try:
+                # the name is settled before the scheduler is asked: it drains and unloads that adapter
+                name = name if name is not None else await asyncio.to_thread(catalog.name_in_file, path)
+                entry = await scheduler.call_exclusive(lambda: catalog.install(model, path, name, replace),
+                                                       changes=name)
+            except BadAdapterName as error:
+                raise ApiError(400, "bad_adapter_name", str(error)) from None
+            except AdapterExists:
+                raise ApiError(409, "adapter_exists", f"an adapter named {name!r} is in the store; pass "
+                                                      "replace=true to replace it") from None
+            except AdapterError as error:
+                raise ApiError(422, "invalid_adapter_file", f"the file was refused, nothing was written: "
+                                                            f"{error}") from None
         return adapter_info(entry, entry.name in model.adapters)
 
     @app.delete("/v1/adapters/{name:path}", response_model=Deleted, responses=ERRORS)
     async def delete_adapter(name: str) -> Deleted:
         """Remove an adapter from the bank (after the calls using it) and its file from the store."""
         try:
-            await scheduler.call_exclusive(lambda: catalog.delete(model, name))
+            await scheduler.call_exclusive(lambda: catalog.delete(name), changes=name)
         except BadAdapterName as error:
             raise ApiError(400, "bad_adapter_name", str(error)) from None
         except FileNotFoundError:
             raise ApiError(404, "unknown_adapter", f"no adapter named {name!r} in the store") from None
+        metrics.forget_adapter(name)  # its per-adapter series would otherwise stay in /metrics for ever
         return Deleted(deleted=name)
 
     @app.get("/healthz", response_model=Health)

@@ -3,27 +3,35 @@
 Routing by language pair must see every adapter in the store, not only the resident ones (the bank
 holds at most `max_resident`), so the service keeps this catalog of headers beside the bank. A file
 whose header fails its checks stays listed with the reason, and requests that name it get that reason.
-Adding and removing files also lives here: checked like `load_adapter`, written atomically, and
-never to a path outside the store.
+Adding and removing files also lives here: checked like `load_adapter` (without touching the bank,
+which is the scheduler's), moved into place atomically, and never to a path outside the store.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
-import tempfile
+import stat
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
+from adaptkit.core.atomicfile import write_atomic_chunks
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
+from adaptkit.serving.uploads import scratch_file
 from adaptkit.tasks.translate import match_adapter
 
 
 class BadAdapterName(AdapterError):
-    """A name that cannot address a file in the store (`..`, absolute, control characters)."""
+    """A name that cannot address a file in the store (`..`, absolute, control characters, a file as a folder)."""
+
+
+class AdapterExists(AdapterError):
+    """An upload under a name the store holds, without replace=True."""
 
 
 def store_path(store: AdapterStore, name: str) -> Path:
@@ -96,58 +104,98 @@ class AdapterCatalog:
             return [self._entries[name] for name in sorted(self._entries)]
 
     def route(self, src_lang: str, tgt_lang: str, domain: str | None) -> str | None:
-        """The adapter for (src, tgt, domain): same pair and domain, else a pair-only adapter; names in order."""
+        """The adapter for (src, tgt, domain) by the one routing-key rule (`core.routing.match_adapter`, also
+        Translator's and the file rows'): same pair and domain, else a pair-only adapter; ties by name."""
         return match_adapter(((e.name, e.info) for e in self.entries() if e.info is not None),
                              src_lang, tgt_lang, domain)
 
     # -- changing the store ----------------------------------------------------------------------
-    def install(self, model: AdaptedModel, data: bytes, name: str | None, replace: bool) -> Entry:
-        """Check an uploaded adapter file fully, then write it into the store atomically under `name`.
+    def installable(self, name: str) -> Path:
+        """The store file for `name`, or BadAdapterName when no file can be put there: a folder on its path is a
+        file (`en-de/lora.safetensors/x` where the adapter `en-de/lora` is), or its place is a folder."""
+        target = store_path(self.store, name)
+        for parent in reversed(target.relative_to(self.store.root).parents[:-1]):
+            folder = self.store.root / parent
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise BadAdapterName(f"adapter name {name!r} puts its file inside {parent.as_posix()!r}, which is a "
+                                     "file in the store, not a folder; choose another name")
+        if target.is_dir():
+            raise BadAdapterName(f"adapter name {name!r} is a folder in the store ({target.name}); choose another "
+                                 "name")
+        return target
 
-        The check is `model.load_adapter` itself (checksum, backbone fingerprint, every tensor's
-        shape) on a private copy, under a throw-away name: nothing reaches the store or replaces a
-        resident adapter unless the file would load. Runs on the service's loader thread.
+    def name_in_file(self, path: Path) -> str:
+        """The adapter name in an uploaded file's header (the structure is checked, not yet the checksum)."""
+        name = read_adapter_info(path, verify=False).get("name")
+        if not isinstance(name, str) or not name:
+            raise AdapterError("the file names no adapter (no adaptkit.name in its header); pass ?name=...")
+        self.installable(name)
+        return name
+
+    def install(self, model: AdaptedModel, upload: Path, name: str, replace: bool) -> Entry:
+        """Check the file at `upload` (a scratch file in the store: `uploads.py`) fully, then move it into place as
+        adapter `name`, atomically: readers see the old file or the new one, whole.
+
+        The check is every check `load_adapter` makes (format, checksum, backbone fingerprint, each tensor built,
+        dtypes, finite values), without the bank: nothing is loaded and nothing resident is removed. The service's
+        scheduler, which calls this through `call_exclusive(..., changes=name)`, takes an old version of `name`
+        out of the bank itself. A new file gets the umask's mode, a replaced one keeps its file's mode.
         """
-        with tempfile.TemporaryDirectory(prefix="adaptkit-upload-") as scratch:
-            candidate = Path(scratch) / "upload.safetensors"
-            candidate.write_bytes(data)
-            info = read_adapter_info(candidate)
-            name = name or info.get("name")
-            if not name:
-                raise AdapterError("the file names no adapter (no adaptkit.name in its header); pass ?name=...")
-            target = store_path(self.store, name)
-            if target.exists() and not replace:
-                raise FileExistsError(name)
-            probe = model.load_adapter(candidate, name=f"{name}~upload-{os.urandom(4).hex()}")
-            model.remove_adapter(probe)
-        _write_atomically(target, data)
-        if name in model.adapters:  # the old version: the next request loads the new file
-            model.remove_adapter(name)
+        target = self.installable(name)
+        if target.exists() and not replace:
+            raise AdapterExists(name)
+        model.check_adapter_file(upload, name)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # a file appeared where a folder of the name goes
+            self.installable(name)
+            raise
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(upload, stat.S_IMODE(os.stat(target).st_mode))
+        try:
+            os.replace(upload, target)
+        except OSError as error:
+            if error.errno != errno.EXDEV:  # a folder of the store on another file system: copy instead
+                raise
+            with open(upload, "rb") as source:
+                write_atomic_chunks(target, iter(lambda: source.read(1 << 20), b""))
+        _fsync_directory(target.parent)
         entry = self.refresh_one(name)
         if entry is None:
             raise AdapterError(f"adapter {name!r} was written but cannot be read back from {target}")
         return entry
 
-    def delete(self, model: AdaptedModel, name: str) -> None:
+    def add_file(self, model: AdaptedModel, source: Path, *, replace: bool = True) -> Entry:
+        """Copy an adapter file into the store under the name in its header, checked like an upload (for
+        `adaptkit serve --adapter FILE`): the checked copy is the one installed."""
+        with scratch_file(self.store.root) as (fd, scratch):
+            with open(source, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view):]
+            os.fsync(fd)
+            return self.install(model, scratch, self.name_in_file(scratch), replace)
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name`'s file from the store (the bank is the scheduler's: it removes the adapter there)."""
         path = store_path(self.store, name)
         if not path.is_file():
             raise FileNotFoundError(name)
-        if name in model.adapters:
-            model.remove_adapter(name)
         path.unlink()
+        _fsync_directory(path.parent)
         self.refresh_one(name)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the target's directory (same filesystem), fsync, rename: readers see old or new, whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink durable; not every platform or file system can open a directory."""
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

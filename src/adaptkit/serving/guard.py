@@ -1,11 +1,18 @@
-"""The edge of the service, in front of every route: API keys, the body-size limit, per-route latency and
-status metrics (an ASGI middleware), and the handlers that turn every error into the same JSON shape:
-{"error": {"code", "message", "limit"?}}.
+"""The edge of the service, in front of every route: API keys, the body-size limit, the body timeout,
+per-route latency and status metrics (an ASGI middleware), and the handlers that turn every error into
+the same JSON shape: {"error": {"code", "message", "limit"?}}.
+
+No route answers plain text: a catch-all handler answers any unexpected exception with a JSON 500, and
+the JSON itself is rendered so that it cannot fail (text that UTF-8 cannot encode, such as a lone
+surrogate echoed from a request, is escaped).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
+import logging
 import time
 from typing import Any
 
@@ -17,6 +24,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptkit.serving.metrics import ServeMetrics, route_label
 from adaptkit.serving.settings import ApiError, ServeSettings
 
+logger = logging.getLogger("adaptkit.serving")
+
+# Answers sent before the body was read to its end: the connection cannot carry another request, and
+# without this header a client would go on sending a body nobody reads.
+CLOSE = {"Connection": "close"}
+
 
 class BodyTooLarge(HTTPException):
     """Raised from the guarded `receive` once the body passes its limit; FastAPI re-raises HTTPExceptions."""
@@ -24,18 +37,64 @@ class BodyTooLarge(HTTPException):
     def __init__(self, limit_name: str, limit: int):
         super().__init__(413)
         self.error = ApiError(413, "body_too_large", f"the request body is over {limit} bytes "
-                              f"(--{limit_name.replace('_', '-')})", limit=(limit_name, limit))
+                              f"(--{limit_name.replace('_', '-')})", limit=(limit_name, limit), headers=dict(CLOSE))
+
+
+class BodyTimeout(HTTPException):
+    """Raised from the guarded `receive` when the body stalls or falls behind --min-body-rate."""
+
+    def __init__(self, message: str, limit: tuple[str, Any]):
+        super().__init__(408)
+        self.error = ApiError(408, "body_timeout", message, limit=limit, headers=dict(CLOSE))
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+
+
+def printable(value: Any) -> Any:
+    """`value` with every string UTF-8 can encode: a lone surrogate becomes its escape, as text (`\\ud800`)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+        return value
+    if isinstance(value, dict):
+        return {printable(k): printable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [printable(v) for v in value]
+    return value
+
+
+_UNRENDERABLE = b'{"error":{"code":"internal_error","message":"the error could not be rendered; see the server log"}}'
+
+
+def render_error(error: ApiError) -> bytes:
+    """The JSON body of `error`, always: the answer to a bad request must not become a crash of its own."""
+    try:
+        return json.dumps(printable(error.body()), ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode("utf-8")
+    except Exception:  # noqa: BLE001 - e.g. a limit value that JSON cannot hold
+        logger.exception("could not render the error %r", error.code)
+        return _UNRENDERABLE
+
+
+class ErrorResponse(JSONResponse):
+    """A JSONResponse of an ApiError, rendered by `render_error`."""
+
+    def __init__(self, error: ApiError):
+        super().__init__(error, status_code=error.status, headers=error.headers)
+
+    def render(self, content: Any) -> bytes:
+        return render_error(content) if isinstance(content, ApiError) else super().render(content)
 
 
 def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
     def answer(request: Request, error: ApiError) -> JSONResponse:
         adapters = getattr(request.state, "adapters", None) or [""]
         for adapter in adapters:
-            metrics.errors.labels(route_label(request.url.path), adapter, error.code).inc()
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+            metrics.errors.labels(route_label(request.url.path), printable(adapter), error.code).inc()
+        return ErrorResponse(error)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -51,18 +110,26 @@ def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
                                             f"{detail.get('loc', ('', '?'))[-1]}"))
         parts = [f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
                  for e in errors[:5]]
-        return answer(request, ApiError(422, "invalid_request", "; ".join(parts)))
+        # text UTF-8 cannot encode has a code of its own: the fix is in the client's text, not its fields
+        code = "invalid_text" if errors and all(e.get("type") == "invalid_text" for e in errors) else "invalid_request"
+        return answer(request, ApiError(422, code, "; ".join(parts)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if isinstance(exc, BodyTooLarge):
+        if isinstance(exc, (BodyTooLarge, BodyTimeout)):
             return answer(request, exc.error)
         code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
         return answer(request, ApiError(exc.status_code, code, str(exc.detail), headers=dict(exc.headers or {})))
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette answers with this, then re-raises: the traceback still reaches the server log.
+        return answer(request, ApiError(500, "internal_error", f"the service failed ({type(exc).__name__}); "
+                                        "the server log has the details. Retry, or report it if it persists"))
+
 
 class Guard:
-    """Outermost ASGI layer: latency and status metrics, API keys, and the body-size limit."""
+    """Outermost ASGI layer: latency and status metrics, API keys, the body-size limit and the body timeout."""
 
     def __init__(self, app: Any, settings: ServeSettings, metrics: ServeMetrics, api_keys: tuple[str, ...]):
         self.app = app
@@ -96,26 +163,58 @@ class Guard:
             if declared is not None and (not declared.isdigit() or int(declared) > limit):
                 await self._reject(scope, send_tracked, route, BodyTooLarge(limit_name, limit).error)
                 return
-            seen = 0
-
-            async def receive_limited() -> dict:
-                nonlocal seen
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > limit:
-                        raise BodyTooLarge(limit_name, limit)
-                return message
-
+            receive_limited = self._bounded_receive(receive, limit_name, limit)
             try:
                 await self.app(scope, receive_limited, send_tracked)
-            except BodyTooLarge as exc:  # read outside FastAPI's body parsing (e.g. by a middleware)
+            except (BodyTooLarge, BodyTimeout) as exc:  # read outside FastAPI's body parsing (e.g. by a middleware)
                 if state["started"]:
                     raise
                 await self._reject(scope, send_tracked, route, exc.error)
         finally:
             self.metrics.latency.labels(route).observe(time.perf_counter() - started)
             self.metrics.responses.labels(route, str(state["status"])).inc()
+
+    def _bounded_receive(self, receive: Any, limit_name: str, limit: int) -> Any:
+        """`receive` with the size limit and, until the body's last piece, the body timeout.
+
+        A client that stops sending, or trickles a byte at a time, would otherwise hold its connection
+        and the request's task forever. Each piece must come within --body-timeout-s, and the whole body
+        within --body-timeout-s plus 1 s per --min-body-rate bytes (Apache's mod_reqtimeout rule): a body
+        that keeps up any sensible rate is never cut, one byte a second is. After the last piece, receive
+        is left alone: it then waits for the client's disconnect, as long as the request runs.
+        """
+        settings = self.settings
+        stall, rate = settings.body_timeout_s, settings.min_body_rate
+        began = time.monotonic()
+        seen = 0
+        done = False
+
+        async def receive_limited() -> dict:
+            nonlocal seen, done
+            if done:
+                return await receive()
+            wait = stall
+            if rate > 0:
+                wait = min(wait, began + stall + seen / rate - time.monotonic())
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(wait, 0.0))
+            except asyncio.TimeoutError:  # TimeoutError from 3.11 on; its own class before
+                if rate > 0 and wait < stall:
+                    raise BodyTimeout(f"the request body came slower than {rate} bytes/s ({seen} bytes in "
+                                      f"{time.monotonic() - began:.1f} s); send it faster, or raise "
+                                      "--min-body-rate", ("min_body_rate", rate)) from None
+                raise BodyTimeout(f"the request body stalled: nothing came for {stall:g} s after {seen} bytes; "
+                                  "send the whole body, or raise --body-timeout-s", ("body_timeout_s", stall)) from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit_name, limit)
+                done = not message.get("more_body", False)
+            else:  # http.disconnect: nothing more will come
+                done = True
+            return message
+
+        return receive_limited
 
     def _authorized(self, scope: dict) -> bool:
         header = _header(scope, b"authorization") or ""
@@ -130,8 +229,7 @@ class Guard:
 
     async def _reject(self, scope: dict, send: Any, route: str, error: ApiError) -> None:
         self.metrics.errors.labels(route, "", error.code).inc()
-        response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-        await response(scope, _no_receive, send)
+        await ErrorResponse(error)(scope, _no_receive, send)
 
 
 def _header(scope: dict, name: bytes) -> str | None:

@@ -10,6 +10,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 ROUTES = ("/v1/translate", "/v1/generate", "/v1/adapters", "/healthz", "/readyz", "/metrics", "/docs",
           "/openapi.json")
 
+REQUEST_LABELS = ("route", "adapter")
+ERROR_LABELS = ("route", "adapter", "code")
+
 
 def route_label(path: str) -> str:
     """A fixed set of labels: raw paths from clients would let anyone grow the label set without bound."""
@@ -23,9 +26,9 @@ class ServeMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("adaptkit_requests", "Accepted requests, by route and adapter (once per adapter a "
-                                "request uses)", ["route", "adapter"], registry=r)
+                                "request uses)", REQUEST_LABELS, registry=r)
         self.errors = Counter("adaptkit_errors", "Error answers, by route, adapter ('' when none was resolved) and "
-                              "error code", ["route", "adapter", "code"], registry=r)
+                              "error code", ERROR_LABELS, registry=r)
         self.responses = Counter("adaptkit_http_responses", "HTTP responses by route and status", ["route", "status"],
                                  registry=r)
         self.latency = Histogram("adaptkit_request_seconds", "Request latency, arrival to response", ["route"],
@@ -53,6 +56,21 @@ class ServeMetrics:
         """Gauges read at scrape time from the live objects."""
         self.queue_depth.set_function(queue_depth)
         self.resident.set_function(resident)
+
+    def forget_adapter(self, name: str) -> int:
+        """Drop every series labelled with adapter `name` (a deleted adapter): without this, each adapter ever
+        uploaded and deleted would stay in /metrics, and the scrape would grow without bound. Returns how many
+        series went. A request for `name` still in flight may bring its series back once; the next delete
+        drops it again."""
+        removed = 0
+        for metric, names in ((self.requests, REQUEST_LABELS), (self.errors, ERROR_LABELS)):
+            series = {tuple(sample.labels[label] for label in names)
+                      for family in metric.collect() for sample in family.samples
+                      if sample.labels.get("adapter") == name}
+            for values in series:  # `remove` (public since 0.4) rather than 0.22's remove_by_labels
+                metric.remove(*values)
+            removed += len(series)
+        return removed
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 
+from adaptkit.core import routing
+from adaptkit.core.errors import AdapterError
 from adaptkit.serving.catalog import AdapterCatalog, BadAdapterName, Entry, store_path
 from adaptkit.serving.metrics import ServeMetrics
 from adaptkit.serving.schemas import (
@@ -45,11 +47,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 class Submit(Protocol):
     """Run one request's rows (row i: texts[i] with adapters[i]); call `accepted()` once they are queued (so
-    refused requests are not counted); return the outputs in row order and the request's timings."""
+    refused requests are not counted); return the outputs in row order, the version (file checksum) of the
+    adapter that produced each, and the request's timings."""
 
     def __call__(self, request: Request, key: BatchKey, texts: list[str], adapters: list[str | None],
                  srcs: list[str] | None, tgts: list[str] | None, tasks: list[str] | None,
-                 accepted: Callable[[], None]) -> Awaitable[tuple[list[str], dict[str, Any]]]: ...
+                 accepted: Callable[[], None]) -> Awaitable[tuple[list[str], list[str | None], dict[str, Any]]]: ...
 
 
 def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeSettings, metrics: ServeMetrics,
@@ -97,15 +100,15 @@ def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeS
 
     async def serve(request: Request, route: str, key: BatchKey, texts: list[str], adapters: list[str | None],
                     srcs: list[str] | None = None, tgts: list[str] | None = None,
-                    tasks: list[str] | None = None) -> tuple[list[str], Timings]:
+                    tasks: list[str] | None = None) -> tuple[list[str], list[str | None], Timings]:
         request.state.adapters = sorted({a for a in adapters if a is not None}) or [""]
 
         def accepted() -> None:
             for adapter in request.state.adapters:
                 metrics.requests.labels(route, adapter).inc()
 
-        outputs, timings = await submit(request, key, texts, adapters, srcs, tgts, tasks, accepted)
-        return outputs, Timings(**timings)
+        outputs, versions, timings = await submit(request, key, texts, adapters, srcs, tgts, tasks, accepted)
+        return outputs, versions, Timings(**timings)
 
     @app.post("/v1/translate", response_model=TranslateResponse, responses=ERRORS)
     async def translate(body: TranslateRequest, request: Request) -> TranslateResponse:
@@ -131,8 +134,8 @@ def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeS
                                f"no adapter in the store translates {srcs[i]}→{tgts[i]}"
                                + (f" (domain {domains[i]!r})" if domains[i] else "")
                                + f" (texts[{i}]); pairs served: {_pairs(catalog)}")
-        outputs, timings = await serve(request, "/v1/translate", key, body.texts, adapters, srcs, tgts)
-        return TranslateResponse(translations=outputs, adapters=adapters, timings=timings)
+        outputs, versions, timings = await serve(request, "/v1/translate", key, body.texts, adapters, srcs, tgts)
+        return TranslateResponse(translations=outputs, adapters=adapters, adapter_versions=versions, timings=timings)
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses={**ERRORS, 200: {"description": "JSON, or server-sent events with stream: true",
@@ -164,8 +167,9 @@ def add_inference_routes(app: FastAPI, catalog: AdapterCatalog, settings: ServeS
                                f"prompts, num_beams {key.num_beams}): beam search knows its output only at the end")
             request.state.adapters = [adapters[0] or ""]
             return await stream(request, key, body.prompts[0], adapters[0], srcs[0], tgts[0], tasks[0])
-        outputs, timings = await serve(request, "/v1/generate", key, body.prompts, adapters, srcs, tgts, tasks)
-        return GenerateResponse(outputs=outputs, adapters=adapters, timings=timings)
+        outputs, versions, timings = await serve(request, "/v1/generate", key, body.prompts, adapters, srcs, tgts,
+                                                 tasks)
+        return GenerateResponse(outputs=outputs, adapters=adapters, adapter_versions=versions, timings=timings)
 
 
 def add_listing_route(app: FastAPI, catalog: AdapterCatalog, resident: Callable[[], set[str]],
@@ -183,12 +187,11 @@ def add_listing_route(app: FastAPI, catalog: AdapterCatalog, resident: Callable[
 
 
 def per_row(value: Any, n: int, field: str) -> list:
-    if isinstance(value, list):
-        if len(value) != n:
-            raise ApiError(422, "per_row_length", f"'{field}' has {len(value)} entries for {n} texts; give one per "
-                                                  "text or a single value")
-        return value
-    return [value] * n
+    """`core.routing.per_row` (the rule of Translator and Generator too), its length error a 422."""
+    try:
+        return routing.per_row(value, n, field)
+    except AdapterError as error:
+        raise ApiError(422, "per_row_length", str(error)) from None
 
 
 def _pairs(catalog: AdapterCatalog) -> str:

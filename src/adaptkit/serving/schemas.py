@@ -4,11 +4,37 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where `text` holds a lone surrogate (JSON lets `"\\ud800"` through; UTF-8 cannot encode it), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return error.start
+    return None
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _encodable_text(cls, value: Any) -> Any:
+        """Refuse text that UTF-8 cannot encode, here at the edge: deeper in, the tokenizer, a file name or the
+        error message naming the value would fail on it. Checked before the field's type, so a field that is
+        `str | list[str]` gets one error, not one per member of the union."""
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            at = lone_surrogate(item) if isinstance(item, str) else None
+            if at is not None:
+                where = f"item {i} holds" if isinstance(value, list) else "holds"
+                raise PydanticCustomError(
+                    "invalid_text", "{where} a lone surrogate ({char}) at character {at}, which is not text (UTF-8 "
+                    "cannot encode it): send valid Unicode; a \\u escape of a surrogate must be one of a pair",
+                    {"where": where, "char": f"\\u{ord(item[at]):04x}", "at": at})
+        return value
 
 
 class TranslateRequest(_Strict):
@@ -35,6 +61,8 @@ class Timings(BaseModel):
 class TranslateResponse(BaseModel):
     translations: list[str]
     adapters: list[str] = Field(description="The adapter each text was translated with")
+    adapter_versions: list[str | None] = Field(
+        description="The checksum (adaptkit.sha256) of the adapter file whose weights translated each text")
     timings: Timings
 
 
@@ -56,6 +84,8 @@ class GenerateRequest(_Strict):
 class GenerateResponse(BaseModel):
     outputs: list[str]
     adapters: list[str | None]
+    adapter_versions: list[str | None] = Field(
+        description="The checksum (adaptkit.sha256) of the adapter file each output came from; null: bare backbone")
     timings: Timings
 
 

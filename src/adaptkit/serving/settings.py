@@ -34,14 +34,34 @@ class ServeSettings:
     default_max_new_tokens: int = _knob(128, "max_new_tokens when a request gives none")
     default_num_beams: int = _knob(1, "num_beams when a request gives none (1: greedy)")
     retry_after_s: int = _knob(1, "the Retry-After of a 503 when the queue is full")
+    request_timeout_s: float = _knob(120.0, "a request not answered within this many seconds gets 504 "
+                                            "request_timeout and its rows are dropped (streams: an error event)")
+    shutdown_grace_s: float = _knob(30.0, "on SIGTERM, how long requests in flight may take to finish; new ones get "
+                                          "503 shutting_down, and those still running after it too")
     max_streams: int = _knob(2, "streams running in threads of their own at once, beside the batches (503 beyond; "
                                 "streams that are rows of the continuous batch do not count)")
+    # Connections and bodies (serving/server.py, serving/guard.py): what a client that never finishes gets.
+    max_connections: int = _knob(1024, "open connections at most; beyond, the oldest connection that has not sent a "
+                                       "request is closed, or, when every one is busy, the new one gets 503 "
+                                       "too_many_connections and is closed (lowered to fit the file-descriptor limit)")
+    header_timeout_s: float = _knob(10.0, "seconds a connection has to send a whole request line and headers; then "
+                                          "408 header_timeout and the connection is closed")
+    max_header_bytes: int = _knob(16384, "request line and headers, in bytes (431 header_too_large beyond)")
+    body_timeout_s: float = _knob(30.0, "longest wait for the next piece of a request body (408 body_timeout); a "
+                                        "body gets this long plus 1 s per --min-body-rate bytes it sent in all")
+    min_body_rate: int = _knob(1024, "bytes/s a request body must keep up on average, after its first "
+                                     "--body-timeout-s (0: no rate, only the wait for each piece)")
+    keep_alive_s: float = _knob(5.0, "an idle keep-alive connection is closed after this many seconds")
+    max_uploads: int = _knob(2, "adapter uploads streaming into the store at once (503 uploads_busy beyond)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_new_tokens_limit", "max_beams",
                      "max_body_bytes", "max_upload_bytes", "max_streams"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"ServeSettings.{name} must be at least 1; got {getattr(self, name)}")
+        for name in ("request_timeout_s", "shutdown_grace_s"):
+            if getattr(self, name) <= 0:
+                raise AdapterError(f"ServeSettings.{name} must be > 0 seconds; got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise AdapterError(f"ServeSettings.max_wait_ms must be >= 0; got {self.max_wait_ms}")
         if self.max_adapters_per_batch is not None and self.max_adapters_per_batch < 1:

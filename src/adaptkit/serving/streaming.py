@@ -17,6 +17,7 @@ worker at its next token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -29,10 +30,11 @@ from fastapi.responses import StreamingResponse
 from transformers import TextStreamer
 
 from adaptkit.core.errors import AdapterError
+from adaptkit.serving.driver import row_error
 from adaptkit.serving.metrics import ServeMetrics
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ApiError, ServeSettings
-from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.serving.work import BatchKey, Job, RequestRow
 from adaptkit.tasks.generate import Generator, Tidier
 
 _END = object()
@@ -54,11 +56,13 @@ class Streams:
     async def __call__(self, request: Request, key: BatchKey, text: str, adapter: str | None, src: str | None,
                        tgt: str | None, task: str | None) -> StreamingResponse:
         if self.scheduler is not None and self.scheduler.runner.continuous(key):
-            row = Row(Job(asyncio.get_running_loop(), 1), 0, key, adapter, text, src, tgt, task)
+            row = RequestRow(Job(asyncio.get_running_loop(), 1), 0, key, adapter, text, src, tgt, task)
             try:  # a bad row (unknown task, no prompt) is refused before any event is sent
                 row.decoding = self.scheduler.runner.decoding_row(row)
             except AdapterError as error:
                 raise ApiError(422, "bad_stream_request", str(error)) from None
+            except Exception as error:  # noqa: BLE001 — this request's own text cannot be prompted
+                raise row_error(error) from None
             if row.decoding is not None:  # (None: too long for the backbone's sliding window)
                 return self._in_the_batch(request, row)
         if self.running >= self.settings.max_streams:
@@ -75,10 +79,10 @@ class Streams:
         self.metrics.requests.labels("/v1/generate", adapter or "").inc()
         # Started here, not when the body is first iterated: the slot is given back when generation ends even
         # if the client is gone before the response starts (the body is then never iterated).
-        queue, stop = self._start(pieces)
+        queue, stop = self._start(pieces, adapter)
         return _response(self._events(request, queue, stop.set, adapter, started))
 
-    def _in_the_batch(self, request: Request, row: Row) -> StreamingResponse:
+    def _in_the_batch(self, request: Request, row: RequestRow) -> StreamingResponse:
         """Submit the row to the scheduler; its tokens come back as pieces while it decodes with the others."""
         started, loop, queue = time.perf_counter(), asyncio.get_running_loop(), asyncio.Queue()
         job, decoding = row.job, row.decoding
@@ -107,16 +111,19 @@ class Streams:
         self.metrics.requests.labels("/v1/generate", row.adapter or "").inc()
         return _response(self._events(request, queue, lambda: self.scheduler.cancel(job), row.adapter, started))
 
-    def _start(self, pieces: Iterator[str]) -> tuple[asyncio.Queue, threading.Event]:
+    def _start(self, pieces: Iterator[str], adapter: str | None) -> tuple[asyncio.Queue, threading.Event]:
         loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        hold = self.scheduler.hold if self.scheduler is not None else _no_hold
 
         def pump() -> None:
-            """Iterates the pieces in one thread (a generator cannot be closed from another while it runs)."""
+            """Iterates the pieces in one thread (a generator cannot be closed from another while it runs), with
+            the adapter held resident by the scheduler, which owns the bank."""
             try:
-                for piece in pieces:
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-                    if stop.is_set():
-                        break
+                with hold(adapter, self.settings.request_timeout_s):
+                    for piece in pieces:
+                        loop.call_soon_threadsafe(queue.put_nowait, piece)
+                        if stop.is_set():
+                            break
             except Exception as error:  # noqa: BLE001 - handed to the event loop, sent as an error event
                 loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
@@ -129,14 +136,22 @@ class Streams:
     async def _events(self, request: Request, queue: asyncio.Queue, stop: Callable[[], Any], adapter: str | None,
                       started: float) -> AsyncIterator[str]:
         output, first = [], None
+        deadline = started + self.settings.request_timeout_s
         try:
-            while (item := await queue.get()) is not _END:
+            while True:
+                try:
+                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    item = ApiError(504, "request_timeout", f"the stream did not end within "
+                                    f"{self.settings.request_timeout_s:g} s (--request-timeout)")
+                if item is _END:
+                    break
                 if item is None:  # nothing new to send yet (held back by the streamer or the tidier)
                     continue
                 if isinstance(item, Exception):
-                    self.metrics.errors.labels("/v1/generate", adapter or "", "generation_failed").inc()
-                    yield event({"error": {"code": "generation_failed",
-                                           "message": f"{type(item).__name__}: {item}"}}, "error")
+                    error = item if isinstance(item, ApiError) else row_error(item)
+                    self.metrics.errors.labels("/v1/generate", adapter or "", error.code).inc()
+                    yield event(error.body(), "error")
                     return
                 if first is None:
                     first = time.perf_counter() - started
@@ -165,6 +180,11 @@ class _PieceStreamer(TextStreamer):
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         if text:
             self.emit(text)
+
+
+@contextlib.contextmanager
+def _no_hold(adapter: str | None, timeout: float) -> Iterator[None]:
+    yield None
 
 
 def _response(events: AsyncIterator[str]) -> StreamingResponse:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from adaptkit.core.bank import AdaptedModel
+from adaptkit.generation.continuous import ContinuousBatch, DecodingRow, first_line_rule, unsupported
 from adaptkit.serving.settings import ApiError
-from adaptkit.tasks.continuous import ContinuousBatch, DecodingRow, first_line_rule, unsupported
 from adaptkit.tasks.generate import Generator, tidy
 from adaptkit.tasks.translate import Translator
 
@@ -32,7 +32,9 @@ class BatchKey:
 
 
 @dataclass(eq=False)
-class Row:
+class RequestRow:
+    """One text of one request, queued for the scheduler (not `tasks.generate`'s prompt row)."""
+
     job: Job
     index: int
     key: BatchKey
@@ -43,6 +45,7 @@ class Row:
     task: str | None = None  # generate rows: translate | style | dialogue (the prompt the adapter was trained with)
     arrived: float = field(default_factory=time.monotonic)
     decoding: DecodingRow | None = None  # set when the row runs in the continuous batch
+    version: str | None = None  # checksum of its adapter's file, set when the row is admitted to a batch
 
 
 class Job:
@@ -52,6 +55,7 @@ class Job:
         self.loop = loop
         self.future: asyncio.Future[list[str]] = loop.create_future()
         self.results: list[str | None] = [None] * size
+        self.versions: list[str | None] = [None] * size  # the adapter file version that produced each row
         self.remaining = size
         self.cancelled = False  # the client went away: rows not yet scheduled are dropped
         self.submitted = time.perf_counter()
@@ -60,19 +64,22 @@ class Job:
         self.batches = 0
 
     @property
-    def done(self) -> bool:
-        return self.future.done() or self.remaining <= 0
+    def ended(self) -> bool:
+        """Answered, failed or given up: nothing more to compute for it."""
+        return self.future.done() or self.remaining <= 0 or self.cancelled
 
     def started_batch(self, at: float) -> None:
         if self.first_batch is None:
             self.first_batch = at
         self.batches += 1
 
-    def set_rows(self, indices: Sequence[int], texts: Sequence[str], seconds: float) -> None:
+    def set_rows(self, indices: Sequence[int], texts: Sequence[str], versions: Sequence[str | None],
+                 seconds: float) -> None:
         """Called on the worker thread (under the scheduler's lock) for this job's rows of one batch."""
         self.compute_seconds += seconds
-        for index, text in zip(indices, texts):
+        for index, text, version in zip(indices, texts, versions):
             self.results[index] = text
+            self.versions[index] = version
         self.remaining -= len(indices)
         if self.remaining <= 0:
             self._call(lambda: self.future.done() or self.future.set_result(list(self.results)))
@@ -115,7 +122,7 @@ class BatchRunner:
         """Whether rows of this key run in the continuous batch (whatever their max_new_tokens)."""
         return self.engine is not None and key.num_beams == 1
 
-    def decoding_row(self, row: Row) -> DecodingRow | None:
+    def decoding_row(self, row: RequestRow) -> DecodingRow | None:
         """The engine's form of a row, prompted as `run` would prompt it; None when it would outgrow a sliding
         window (then it runs in a generate call, as a static batch)."""
         assert self.engine is not None
@@ -132,7 +139,7 @@ class BatchRunner:
         """A finished row's answer, tidied as `run` tidies it (one-line answers are the rows with a stop rule)."""
         return tidy(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop is not None)
 
-    def run(self, key: BatchKey, rows: Sequence[Row]) -> list[str]:
+    def run(self, key: BatchKey, rows: Sequence[RequestRow]) -> list[str]:
         adapters = [row.adapter for row in rows]
         if key.kind == "translate":
             return self.translator.translate([r.text for r in rows], [r.src_lang for r in rows],

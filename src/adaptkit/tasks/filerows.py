@@ -4,7 +4,8 @@ A text line is one source; a JSONL line is an object with `text` (or `src`) and,
 `src_lang`, `tgt_lang`, `domain`, `adapter`. Blank lines stay blank in the output, so line N of
 the output is the translation of line N of the input. Each row goes to the adapter named for
 it (`use`, or the JSONL row's `adapter`), else to the one whose routing keys fit its language
-pair and domain: the rule of `Translator` and of the HTTP service (`match_adapter`).
+pair and domain: the rule of `Translator` and of the HTTP service (`core.routing.route_by_keys`). A
+line over the source limit is translated whole, in pieces (`Translator`), never cut.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
-from adaptkit.tasks.translate import Translator, match_adapter
+from adaptkit.core.routing import route_by_keys
+from adaptkit.tasks.translate import Translator, store_candidates
 
 Candidates = list[tuple[str, dict[str, Any]]]  # (adapter name, its file's metadata)
 
@@ -49,14 +51,7 @@ class ModelSpec:
                 info = read_adapter_info(path)
                 found.append((info.get("name") or Path(path).stem, info))  # the name load_adapter gives it
             return found
-        store = AdapterStore(self.store)
-        found = []
-        for name in store.names():
-            try:
-                found.append((name, read_adapter_info(store.path_for(name))))
-            except AdapterError:
-                continue  # a damaged file is not a route; a row that names it fails when it is loaded
-        return found
+        return store_candidates(AdapterStore(self.store))
 
     def load(self, candidates: Candidates, device: str | None = None) -> AdaptedModel:
         """The backbone, with the adapter files loaded under the names `candidates` gives them."""
@@ -108,14 +103,9 @@ def parse_line(line: str, number: int, settings: RowSettings) -> dict[str, Any] 
 
 def route_row(row: dict[str, Any], number: int, candidates: Candidates, forced: str | None) -> str:
     """The adapter of one row: forced, named by the row, or matched by routing keys (as the service does)."""
-    name = forced or row.get("adapter") or match_adapter(candidates, row["src_lang"], row["tgt_lang"],
-                                                         row.get("domain"))
-    if name is None:
-        pairs = sorted({f"{m.get('src_lang')}→{m.get('tgt_lang')}" + (f" ({m['domain']})" if m.get("domain") else "")
-                        for _, m in candidates})
-        raise AdapterError(f"line {number}: no adapter translates {row['src_lang']}→{row['tgt_lang']}"
-                           + (f" (domain {row['domain']!r})" if row.get("domain") else "")
-                           + f"; adapters serve: {', '.join(pairs) or 'nothing'}")
+    name = forced or row.get("adapter") or route_by_keys(
+        candidates, row["src_lang"], row["tgt_lang"], row.get("domain"), where=f"line {number}: ",
+        fix="Add an adapter with those routing keys, give --use NAME, or name one in the row ('adapter' in JSONL)")
     if name not in {known for known, _ in candidates}:
         raise AdapterError(f"line {number}: no adapter named {name!r}; known: {sorted(n for n, _ in candidates)}")
     return name

@@ -13,11 +13,17 @@ Streaming runs `generate` in a worker thread feeding transformers' `TextIterator
 worker runs in a copy of the caller's context, so routing set by an enclosing `model.using(...)`
 reaches it. Pieces are tidied like `generate()`'s output (stripped, cut at the end of a one-line
 reply), so the streamed pieces join to exactly the text `generate()` returns for that row.
+
+Sources are never cut: in `generate`, a translate or style source over `max_source_len` tokens is
+split at sentence ends (as `Translator` does), its pieces generated as rows of their own and their
+outputs joined; a dialogue cannot be split, so a turn over the limit is refused (`SourceTooLong`),
+as is any source over it in `stream` and `decoding_parts`, which take one prompt per row.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,10 +34,20 @@ from tqdm.auto import tqdm
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from adaptkit.core.bank import AdaptedModel
-from adaptkit.core.errors import AdapterError
-from adaptkit.data import TASK_TEMPLATES, PromptFormat, Source, encode_decoder_example, pad_id, pad_sequences
-from adaptkit.tasks.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
-from adaptkit.tasks.translate import LineDone, match_adapter
+from adaptkit.core.errors import AdapterError, SourceTooLong
+from adaptkit.core.routing import match_adapter, per_row, route_by_keys
+from adaptkit.data import (
+    TASK_TEMPLATES,
+    PromptFormat,
+    Segments,
+    Source,
+    encode_decoder_example,
+    pad_id,
+    pad_sequences,
+    split_source,
+)
+from adaptkit.generation.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
+from adaptkit.tasks.oneline import LineDone, LineDoneWhere, Tidier, tidy
 
 TASKS = tuple(TASK_TEMPLATES)  # translate, style, dialogue
 
@@ -101,7 +117,7 @@ class Generator:
         self.chat_template = chat_template
         self.batch_size = batch_size
         self.max_source_len = max_source_len
-        self.continuous = continuous  # greedy decoder rows: a continuous batch of batch_size rows (tasks/continuous.py)
+        self.continuous = continuous  # greedy decoder rows: a continuous batch (generation/continuous.py)
 
     # -- routing --------------------------------------------------------------------------------
     def prompt_for(self, task: str) -> PromptFormat | None:
@@ -112,7 +128,7 @@ class Generator:
     def adapter_for(self, task: str, src_lang: str | None = None, tgt_lang: str | None = None,
                     domain: str | None = None) -> str | None:
         """The loaded adapter whose file says it is for `task` (translation: also for the pair and domain)."""
-        candidates = [(n, self.model.adapter_metadata(n)) for n in self.model.adapters]
+        candidates = self._candidates()
         if task == "translate":
             return match_adapter([(n, m) for n, m in candidates if m.get("task") in (None, "translate")],
                                  src_lang or "", tgt_lang or "", domain)
@@ -120,7 +136,7 @@ class Generator:
 
     def _rows(self, texts: Sequence[Source], adapter: Any, task: Any, src_lang: Any, tgt_lang: Any) -> list[Row]:
         n = len(texts)
-        routes = per_row(adapter, n, "adapter")
+        routes = per_row(adapter, n, "adapter", stacks=True)
         tasks = per_row(task, n, "task")
         srcs, tgts = per_row(src_lang, n, "src_lang"), per_row(tgt_lang, n, "tgt_lang")
         rows = []
@@ -134,15 +150,21 @@ class Generator:
                 raise AdapterError(f"unknown task {row_task!r}; tasks are {list(TASKS)}")
             src = src or meta.get("src_lang") or "en"
             tgt = tgt or meta.get("tgt_lang") or src
-            if route == "auto":
+            fix = "name one with adapter=..., or pass adapter=None for the bare backbone"
+            if route == "auto" and row_task == "translate":  # the routing-key rule of Translator and the service
+                route = route_by_keys([(n, m) for n, m in self._candidates() if m.get("task") in (None, "translate")],
+                                      src, tgt, None, fix=f"Load an adapter with those routing keys, {fix}",
+                                      where=f"adapter='auto', texts[{len(rows)}]: ")
+            elif route == "auto":
                 route = self.adapter_for(row_task, src, tgt)
                 if route is None:
-                    raise AdapterError(f"adapter='auto' found no loaded adapter for task {row_task!r}"
-                                       + (f" ({src}→{tgt})" if row_task == "translate" else "")
-                                       + ": load one whose file has that task key, name one with adapter=..., "
-                                         "or pass adapter=None for the bare backbone")
+                    raise AdapterError(f"adapter='auto' found no loaded adapter for task {row_task!r}: load one "
+                                       f"whose file has that task key, {fix}")
             rows.append(Row(text, row_task, route, src, tgt))
         return rows
+
+    def _candidates(self) -> list[tuple[str, dict[str, Any]]]:
+        return [(n, self.model.adapter_metadata(n)) for n in self.model.adapters]
 
     def _only_task(self) -> str | None:
         """The task of the loaded adapters when they all have the same one: then 'auto' needs no task."""
@@ -159,11 +181,11 @@ class Generator:
     # -- inputs and outputs ---------------------------------------------------------------------
     def _inputs(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         tokenizer = self.model.tokenizer
+        # No truncation: every source was split or checked against max_source_len already; cutting here was silent.
         if self.model.family == "decoder":
             ids = [self._prompt_ids(r) for r in rows]
         else:
-            ids = [tokenizer(self._seq2seq_text(r), truncation=self.max_source_len is not None,
-                             max_length=self.max_source_len)["input_ids"] for r in rows]
+            ids = [tokenizer(self._seq2seq_text(r))["input_ids"] for r in rows]
         left = self.model.family == "decoder"  # decoder prompts end where generation starts
         device = next(self.model.model.parameters()).device
         return {"input_ids": pad_sequences(ids, pad_id(tokenizer), left).to(device),
@@ -172,7 +194,33 @@ class Generator:
     def _prompt_ids(self, row: Row) -> list[int]:
         """A decoder row's unpadded prompt."""
         return encode_decoder_example(self.model.tokenizer, row.source, None, row.src_lang, row.tgt_lang,
-                                      self.prompt_for(row.task), self.max_source_len)[0]["input_ids"]
+                                      self.prompt_for(row.task))[0]["input_ids"]
+
+    # -- the source limit: split where the task allows, else refuse; never cut ------------------------
+    def source_tokens(self, row: Row) -> int:
+        """What `max_source_len` limits: a decoder's source tokens (of a dialogue, its longest turn; the prompt
+        around them is not counted), a seq2seq model's whole input with its special tokens."""
+        tokenizer = self.model.tokenizer
+        if self.model.family == "decoder":
+            turns = [row.source] if isinstance(row.source, str) else list(row.source)
+            return max((len(tokenizer(turn, add_special_tokens=False)["input_ids"]) for turn in turns), default=0)
+        return len(tokenizer(self._seq2seq_text(row))["input_ids"])
+
+    def _segments(self, row: Row) -> Segments:
+        """A translate or style row in pieces within the limit (most in one); a dialogue is checked whole."""
+        if self.max_source_len is None:
+            return Segments([row.source], [])
+        if row.task == "dialogue" or not isinstance(row.source, str):
+            self._check_length(row, "a dialogue cannot be split: shorten its longest turn")
+            return Segments([row.source], [])
+        return split_source(row.source, lambda piece: self.source_tokens(dataclasses.replace(row, source=piece)),
+                            self.max_source_len, self.model.tokenizer)
+
+    def _check_length(self, row: Row, fix: str) -> None:
+        if self.max_source_len is not None:
+            tokens = self.source_tokens(row)
+            if tokens > self.max_source_len:
+                raise SourceTooLong(tokens, self.max_source_len, f"{fix}, or raise max_source_len")
 
     def _seq2seq_text(self, row: Row) -> str:
         prompt = self.prompt_for(row.task)
@@ -224,6 +272,13 @@ class Generator:
         """
         settings = Settings(max_new_tokens, temperature, top_p, top_k, num_beams, repetition_penalty, seed)
         rows = self._rows(texts, adapter, task, src_lang, tgt_lang)
+        pieces = [self._segments(row) for row in rows]  # long sources split: each piece is a row of its own
+        answers = iter(self._decode([dataclasses.replace(row, source=text) for row, segments in zip(rows, pieces)
+                                     for text in segments.texts], settings, progress))
+        return [segments.join([next(answers) for _ in segments.texts]) for segments in pieces]
+
+    def _decode(self, rows: list[Row], settings: Settings, progress: bool) -> list[str]:
+        """One output per row, each row's source within the limit."""
         out = [""] * len(rows)
         with tqdm(total=len(rows), desc="generating", unit="row", disable=not progress) as bar:
             static = list(range(len(rows)))
@@ -266,8 +321,11 @@ class Generator:
     def decoding_parts(self, text: Source, adapter: Any, task: Any, src_lang: Any, tgt_lang: Any
                        ) -> tuple[list[int], bool]:
         """One decoder row as `generate` prompts it, for continuous batching: its unpadded prompt ids, and
-        whether its reply ends at the first line (the text is then `tidy`'s first line)."""
+        whether its reply ends at the first line (the text is then `tidy`'s first line). One row is one prompt,
+        so a source over `max_source_len` tokens is refused with `SourceTooLong`, never cut."""
         row = self._rows([text], adapter, task, src_lang, tgt_lang)[0]
+        self._check_length(row, "one row is one prompt here: Generator.generate splits a long translate or style "
+                                "source at sentence ends; or send shorter texts")
         return self._prompt_ids(row), self._one_line(row.task)
 
     def stream(self, text: Source, adapter: Any = "auto", task: str | None = None, *, src_lang: str | None = None,
@@ -283,6 +341,8 @@ class Generator:
             raise AdapterError("streaming writes one continuation as it goes, and beam search only knows its best "
                                "one at the end: use num_beams=1, or generate()")
         rows = self._rows([text], adapter, task, src_lang, tgt_lang)  # errors here, in the caller's thread
+        self._check_length(rows[0], "a stream is one prompt: generate() splits a long translate or style source "
+                                    "at sentence ends; or send a shorter text")
         return self._stream(rows, settings)
 
     def _stream(self, rows: list[Row], settings: Settings) -> Iterator[str]:
@@ -319,51 +379,6 @@ class Generator:
             worker.join()
 
 
-def tidy(text: str, one_line: bool) -> str:
-    """Generated text as returned: stripped, and cut at the first line end when the reply is one line."""
-    text = text.strip()
-    return text.split("\n", 1)[0].rstrip() if one_line else text
-
-
-class Tidier:
-    """Raw streamed text in, the new part of `tidy(everything so far)` out.
-
-    Trailing whitespace is held back until text follows it (it may end the reply), so each piece
-    extends what was sent: the pieces join to `tidy(raw)`, exactly `generate()`'s output.
-    """
-
-    def __init__(self, one_line: bool):
-        self.one_line = one_line
-        self.raw = ""
-        self.sent = ""
-
-    def feed(self, piece: str) -> str:
-        self.raw += piece
-        return self._advance(tidy(self.raw, self.one_line))
-
-    def finish(self) -> str:
-        return self._advance(tidy(self.raw, self.one_line))
-
-    def _advance(self, text: str) -> str:
-        if not text.startswith(self.sent):  # cannot happen (see the class doc); fail loudly if it ever does
-            raise RuntimeError(f"streamed text diverged: sent {self.sent!r}, now {text!r}")
-        new, self.sent = text[len(self.sent):], text
-        return new
-
-
-class LineDoneWhere(StoppingCriteria):
-    """`LineDone` for the rows whose reply is one line; the others run to EOS or max_new_tokens."""
-
-    def __init__(self, line_done: LineDone, rows: list[bool]):
-        self.line_done = line_done
-        self.rows = torch.tensor(rows, dtype=torch.bool)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        # generate repeats each row for its beams, consecutively
-        rows = self.rows.repeat_interleave(input_ids.shape[0] // len(self.rows)).to(input_ids.device)
-        return self.line_done(input_ids, scores, **kwargs) & rows
-
-
 class Cancelled(StoppingCriteria):
     """Stops every row once the consumer of a stream has gone."""
 
@@ -372,12 +387,3 @@ class Cancelled(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
-
-
-def per_row(value: Any, n: int, what: str) -> list:
-    """A list gives one value per row; anything else (a tuple is an adapter stack) applies to every row."""
-    if isinstance(value, list):
-        if len(value) != n:
-            raise AdapterError(f"got {len(value)} values of {what} for {n} texts: give one per row, or one for all")
-        return value
-    return [value] * n

@@ -8,24 +8,35 @@ classification head on its own small backbone (tasks/classify.py) — for each r
 routes by (src, tgt, predicted domain). Below `domain_threshold` the prediction is not trusted
 and the row goes to the pair's general adapter (the one with no domain), as a row with no
 domain would. `translate_detailed` says per row what was predicted, how sure, and where it went.
+
+A row whose routing keys fit no adapter is an AdapterError, as in the service (404) and the CLI:
+the bare backbone is only ever asked for by name (`adapter=None`).
+
+A source over `max_source_len` tokens is translated whole: split at sentence ends (then between
+words, then tokens) into pieces within the limit, which decode as rows of their own beside the
+others, and their answers joined. `decoding_parts`, which builds one prompt per row for a caller
+that cannot split, raises `SourceTooLong` instead. Nothing is ever cut.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
+from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
 from adaptkit.core.bank import AdaptedModel
-from adaptkit.core.errors import AdapterError
-from adaptkit.data import PromptFormat, decode_generated, encode_decoder_example, prompt_inputs
+from adaptkit.core.errors import AdapterError, SourceTooLong
+from adaptkit.core.routing import match_adapter, per_row, route_by_keys
+from adaptkit.data import PromptFormat, Segments, decode_generated, encode_decoder_example, prompt_inputs, split_source
+from adaptkit.generation.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
 from adaptkit.tasks.classify import Classifier
-from adaptkit.tasks.continuous import DecodingRow, decode_continuously, first_line_rule, line_written, unsupported
+from adaptkit.tasks.oneline import LineDone, tidy
 
 AUTO = "auto"  # domain="auto": predicted per row by the domain classifier
 
@@ -46,7 +57,8 @@ class Translator:
 
     `domain_classifier` (a `Classifier`, or the path of a classification adapter file, loaded on
     the backbone it names) predicts the domain of `domain="auto"` rows; `domain_labels` renames
-    its labels to the translation adapters' domain keys where they differ.
+    its labels to the translation adapters' domain keys where they differ. `max_source_len` is the
+    source tokens one prompt takes (`source_tokens`); a longer text is split to fit, never cut.
     """
 
     def __init__(self, model: AdaptedModel, prompt: PromptFormat | None = None, batch_size: int = 16,
@@ -55,7 +67,7 @@ class Translator:
                  continuous: bool = True):
         model.require_tokenizer("Translator")
         self.model = model
-        self.continuous = continuous  # greedy decoder rows: a continuous batch of batch_size rows (tasks/continuous.py)
+        self.continuous = continuous  # greedy decoder rows: a continuous batch (generation/continuous.py)
         self.prompt = prompt  # None: data.PromptFormat() for decoders, bare sources for seq2seq
         self.batch_size = batch_size
         self.max_source_len = max_source_len
@@ -69,19 +81,30 @@ class Translator:
         self.domain_classifier = domain_classifier
         self.domain_threshold = domain_threshold
         self.domain_labels = dict(domain_labels or {})
+        self._headers: dict[str, tuple[tuple[int, int], dict[str, Any]]] = {}  # store_candidates' cache
 
     def adapter_for(self, src_lang: str, tgt_lang: str, domain: str | None = None) -> str | None:
-        """The loaded adapter whose metadata matches; a pair-only adapter serves any domain."""
-        return match_adapter(((n, self.model.adapter_metadata(n)) for n in self.model.adapters),
-                             src_lang, tgt_lang, domain)
+        """The adapter whose routing keys match, loaded or in the model's store (`core.routing.match_adapter`:
+        a pair-only adapter serves any domain); None when none does."""
+        return match_adapter(self.candidates(), src_lang, tgt_lang, domain)
+
+    def candidates(self) -> list[tuple[str, dict[str, Any]]]:
+        """(name, routing keys) of every adapter a row may be routed to: the loaded ones, then the store's."""
+        loaded = [(name, self.model.adapter_metadata(name)) for name in self.model.adapters]
+        if self.model.store is None:
+            return loaded
+        names = {name for name, _ in loaded}
+        return loaded + [(n, info) for n, info in store_candidates(self.model.store, self._headers) if n not in names]
 
     def translate(self, texts: Sequence[str], src_lang: str | Sequence[str], tgt_lang: str | Sequence[str],
                   domain: str | None | Sequence[str | None] = None, adapter: Any = "auto",
                   num_beams: int = 4, max_new_tokens: int = 128, progress: bool = False, **generate_kwargs: Any
                   ) -> list[str]:
-        """Translate `texts`; languages and domain may be given per row. `adapter="auto"` routes
-        each row by its (src, tgt, domain); otherwise it is passed to the bank as is. A domain of
-        "auto" is predicted by the domain classifier (see `translate_detailed` for what it said)."""
+        """Translate `texts`; languages and domain may be given per row. `adapter="auto"` (for all rows, or
+        per row in a list) routes each row by its (src, tgt, domain), and a row no adapter fits is an
+        AdapterError; otherwise it is passed to the bank as is (None: the bare backbone). A domain of
+        "auto" is predicted by the domain classifier (see `translate_detailed` for what it said). A text
+        over `max_source_len` tokens is split at sentence ends, translated piece by piece and rejoined."""
         return [row.text for row in self.translate_detailed(
             texts, src_lang, tgt_lang, domain, adapter, num_beams=num_beams, max_new_tokens=max_new_tokens,
             progress=progress, **generate_kwargs)]
@@ -106,19 +129,39 @@ class Translator:
         """`translate`, with each row's adapter, routing domain and (for "auto" rows) the predicted
         domain and its probability."""
         n = len(texts)
-        srcs = _per_row(src_lang, n)
-        tgts = _per_row(tgt_lang, n)
-        domains = _per_row(domain, n)
+        srcs = per_row(src_lang, n, "src_lang")
+        tgts = per_row(tgt_lang, n, "tgt_lang")
+        domains = per_row(domain, n, "domain")
         predicted: dict[int, tuple[str, float]] = {}
         auto_rows = [i for i, d in enumerate(domains) if d == AUTO]
         if auto_rows:
             for i, (routed, label, probability) in zip(auto_rows, self.predict_domains([texts[i] for i in auto_rows])):
                 domains[i] = routed
                 predicted[i] = (label, probability)
-        if adapter == "auto":
-            routes: list[Any] = [self.adapter_for(s, t, d) for s, t, d in zip(srcs, tgts, domains)]
-        else:
-            routes = _per_row(adapter, n) if isinstance(adapter, list) else [adapter] * n
+        routes = self._routes(per_row(adapter, n, "adapter", stacks=True), srcs, tgts, domains)
+        # Every row in pieces within the source limit (most in one): the pieces decode as rows of their own.
+        pieces = [self._segments(text, s, t) for text, s, t in zip(texts, srcs, tgts)]
+        owner = [i for i, segments in enumerate(pieces) for _ in segments.texts]
+        answers = iter(self._decode([text for segments in pieces for text in segments.texts],
+                                    [srcs[i] for i in owner], [tgts[i] for i in owner], [routes[i] for i in owner],
+                                    num_beams, max_new_tokens, progress, generate_kwargs))
+        out = [segments.join([next(answers) for _ in segments.texts]) for segments in pieces]
+        return [Translation(text, routes[i], domains[i], *predicted.get(i, (None, None))) for i, text in enumerate(out)]
+
+    def _routes(self, adapters: list[Any], srcs: list[str], tgts: list[str], domains: list[str | None]) -> list[Any]:
+        """Each row's adapter: as given, or for "auto" the one its routing keys fit (an AdapterError if none)."""
+        if "auto" not in adapters:
+            return adapters
+        candidates = self.candidates()
+        fix = ("Load or store an adapter with those routing keys, name one with adapter='NAME', or pass "
+               "adapter=None to translate with the bare backbone on purpose")
+        return [route_by_keys(candidates, s, t, d, fix=fix, where=f"texts[{i}]: ") if a == "auto" else a
+                for i, (a, s, t, d) in enumerate(zip(adapters, srcs, tgts, domains))]
+
+    def _decode(self, texts: list[str], srcs: list[str], tgts: list[str], routes: list[Any], num_beams: int,
+                max_new_tokens: int, progress: bool, generate_kwargs: dict[str, Any]) -> list[str]:
+        """One answer per row, each row's source within the limit."""
+        n = len(texts)
         out = [""] * n
         with tqdm(total=n, desc="translating", unit="row", disable=not progress) as bar:
             static = list(range(n))
@@ -133,9 +176,25 @@ class Translator:
                                                 **self._stop_kwargs(inputs["input_ids"].shape[1]), **generate_kwargs)
                 decoded = decode_generated(self.model.tokenizer, generated, inputs, self.model.family)
                 for i, text in zip(rows, decoded):
-                    out[i] = self._first_line(text)
+                    out[i] = tidy(text, self._one_line())
                 bar.update(len(rows))
-        return [Translation(text, routes[i], domains[i], *predicted.get(i, (None, None))) for i, text in enumerate(out)]
+        return out
+
+    def _segments(self, text: str, src_lang: str, tgt_lang: str) -> Segments:
+        if self.max_source_len is None:
+            return Segments([text], [])
+        return split_source(text, lambda piece: self.source_tokens(piece, src_lang, tgt_lang), self.max_source_len,
+                            self.model.tokenizer)
+
+    def source_tokens(self, text: str, src_lang: str, tgt_lang: str) -> int:
+        """What `max_source_len` limits, as the prompt is built: a decoder's source tokens (the prompt around
+        them is not counted), a seq2seq model's whole input (prompted, if it has a prompt) with its special
+        tokens."""
+        tokenizer = self.model.tokenizer
+        if self.model.family == "decoder":
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        prompted = self.prompt.prompt_text(text, src_lang, tgt_lang) if self.prompt else text
+        return len(tokenizer(prompted)["input_ids"])
 
     def _continuous_for(self, num_beams: int, generate_kwargs: dict[str, Any]) -> bool:
         """Greedy search with no extra generate options, on a backbone whose greedy search the engine copies."""
@@ -146,21 +205,33 @@ class Translator:
         """Decode the rows in a continuous batch (rows leave as they finish, others join); returns the indices
         of rows too long for the backbone's sliding window, left for generate."""
         stop = first_line_rule(self.model.tokenizer) if self._one_line() else None
-        rows = [DecodingRow(self.decoding_parts(texts[i], srcs[i], tgts[i])[0], routes[i], max_new_tokens, stop,
-                            tag=i) for i in range(len(texts))]
+        rows = [DecodingRow(self._prompt_ids(texts[i], srcs[i], tgts[i]), routes[i], max_new_tokens, stop, tag=i)
+                for i in range(len(texts))]
 
         def done(row: DecodingRow) -> None:
-            out[row.tag] = self._first_line(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True).strip())
+            out[row.tag] = tidy(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True), self._one_line())
             progress(1)
 
         return [row.tag for row in decode_continuously(self.model, rows, self.batch_size, done)]
 
     def decoding_parts(self, text: str, src_lang: str, tgt_lang: str) -> tuple[list[int], bool]:
         """One row as `translate` prompts a decoder backbone, for continuous batching: its unpadded prompt ids,
-        and whether its answer ends at the first line (`line_written`; the text is then `tidy`'s first line)."""
-        ids = encode_decoder_example(self.model.tokenizer, text, None, src_lang, tgt_lang,
-                                     self.prompt or PromptFormat(), self.max_source_len)[0]["input_ids"]
-        return ids, self._one_line()
+        and whether its answer ends at the first line (the text is then `tidy`'s first line).
+
+        One row is one prompt, so a source over `max_source_len` tokens is refused with `SourceTooLong`
+        (`.tokens`, `.limit`), never cut: `translate` splits such a text, a caller of this cannot."""
+        if self.max_source_len is not None:
+            tokens = self.source_tokens(text, src_lang, tgt_lang)
+            if tokens > self.max_source_len:
+                raise SourceTooLong(tokens, self.max_source_len,
+                                    "one row is one prompt here: Translator.translate splits a long text at "
+                                    "sentence ends and translates it whole; or send shorter texts")
+        return self._prompt_ids(text, src_lang, tgt_lang), self._one_line()
+
+    def _prompt_ids(self, text: str, src_lang: str, tgt_lang: str) -> list[int]:
+        """A decoder row's unpadded prompt, its source within the limit already (split or checked)."""
+        return encode_decoder_example(self.model.tokenizer, text, None, src_lang, tgt_lang,
+                                      self.prompt or PromptFormat())[0]["input_ids"]
 
     def _one_line(self) -> bool:
         """A decoder prompted for a one-line target is done at the first newline (a bare base model
@@ -176,50 +247,29 @@ class Translator:
             kwargs["stopping_criteria"] = StoppingCriteriaList([LineDone(tokenizer, prompt_length)])
         return kwargs
 
-    def _first_line(self, text: str) -> str:
-        return text.strip().split("\n", 1)[0].strip() if self._one_line() else text
-
     def _inputs(self, texts: list[str], srcs: list[str], tgts: list[str]) -> dict[str, torch.Tensor]:
-        inputs = prompt_inputs(self.model.tokenizer, texts, srcs, tgts, self.model.family, self.prompt,
-                               self.max_source_len)
+        # No max_source_len: every source was split to fit it already, and a limit here would cut silently.
+        inputs = prompt_inputs(self.model.tokenizer, texts, srcs, tgts, self.model.family, self.prompt)
         device = next(self.model.model.parameters()).device
         return {k: v.to(device) for k, v in inputs.items()}
 
 
-def match_adapter(candidates: Iterable[tuple[str, Mapping[str, Any]]], src_lang: str, tgt_lang: str,
-                  domain: str | None = None) -> str | None:
-    """The first (name, metadata) whose routing keys fit: same pair and same domain, else a pair-only
-    adapter (no domain), which serves any domain. Shared by Translator and the HTTP service."""
-    best, best_score = None, 0
-    for name, meta in candidates:
-        if meta.get("src_lang") != src_lang or meta.get("tgt_lang") != tgt_lang:
+def store_candidates(store: AdapterStore, cache: dict[str, tuple[tuple[int, int], dict[str, Any]]] | None = None
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """(name, header info) of each adapter file in `store`, for routing by its keys. `cache` (name →
+    ((mtime_ns, size), info)) spares reading a file again until it changes. A file whose header cannot be
+    read is no route: a row that names it fails when it is loaded, with the reason."""
+    cache = {} if cache is None else cache
+    found = []
+    for name in store.names():
+        try:
+            path = store.path_for(name)
+            stat = path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+            if name not in cache or cache[name][0] != stamp:
+                cache[name] = (stamp, read_adapter_info(path))
+        except (AdapterError, OSError):
+            cache.pop(name, None)
             continue
-        if meta.get("domain") not in (None, domain):
-            continue
-        score = 2 if domain is not None and meta.get("domain") == domain else 1
-        if score > best_score:
-            best, best_score = name, score
-    return best
-
-
-class LineDone(StoppingCriteria):
-    """A row is done once it has written a non-empty line and then a newline.
-
-    (`stop_strings=["\n"]` would stop a model that starts its answer on a new line before it said anything.)
-    """
-
-    def __init__(self, tokenizer: Any, prompt_length: int):
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        return torch.tensor([line_written(text) for text in texts], device=input_ids.device)
-
-
-def _per_row(value: Any, n: int) -> list:
-    if isinstance(value, (list, tuple)) and not isinstance(value, str):
-        if len(value) != n:
-            raise ValueError(f"got {len(value)} per-row values for {n} texts")
-        return list(value)
-    return [value] * n
+        found.append((name, cache[name][1]))
+    return found

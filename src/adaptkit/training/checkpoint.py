@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from adaptkit.core.atomicfile import write_atomic
+
 
 @dataclasses.dataclass
 class Checkpoint:
@@ -127,9 +129,7 @@ def write_json(path: Path, data: Any, atomic: bool = False) -> None:
     if not atomic:
         path.write_text(text)
         return
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode("utf-8"))  # fsynced, and a killed writer's temp file is cleaned up
 
 
 def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

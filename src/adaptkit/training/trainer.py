@@ -37,6 +37,7 @@ from adaptkit.core.adapterfile import read_adapter_file
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import METHODS, adapter_class_for
+from adaptkit.core.regularizer import add_regularizers
 from adaptkit.data import PromptFormat
 from adaptkit.evaluation.classification import evaluate_classifier
 from adaptkit.evaluation.generation import dialogue_metrics
@@ -402,8 +403,7 @@ class Recipe:
                                chunked=self.cfg.chunked_loss, forward=self.wrapped)
         logits = C.classification_logits(self.model, batch, self.route, forward=self.wrapped)
         loss = C.classification_loss(logits, batch["labels"], self.class_weights)
-        term = self.model.get_adapter(self.route).regularization_loss()  # the bank adds it only to a model's loss
-        return loss if term is None else loss + term.to(loss.device)
+        return add_regularizers(loss, [self.model.get_adapter(self.route)])  # the bank adds it only to a model's loss
 
     # -- evaluate -------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

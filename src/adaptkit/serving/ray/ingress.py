@@ -91,7 +91,7 @@ def create_ingress_app(store: str, settings: ServeSettings, replicas: Callable[[
 
     async def submit(request: Request, key: BatchKey, texts: list[str], adapters: list[str | None],
                      srcs: list[str] | None, tgts: list[str] | None, tasks: list[str] | None,
-                     accepted: Callable[[], None]) -> tuple[list[str], dict[str, Any]]:
+                     accepted: Callable[[], None]) -> tuple[list[str], list[str | None], dict[str, Any]]:
         started = time.perf_counter()
         groups: dict[str, list[int]] = {}
         for i, adapter in enumerate(adapters):
@@ -108,19 +108,20 @@ def create_ingress_app(store: str, settings: ServeSettings, replicas: Callable[[
         accepted()
         answers = await _gather(request, calls)
         outputs: list[str] = [""] * len(texts)
+        versions: list[str | None] = [None] * len(texts)
         timings = {"queue_ms": 0.0, "compute_ms": 0.0, "batches": 0}
         for name, answer in answers.items():
             ledger.record(answer["replica"])
             if "error" in answer:
                 raise _api_error(answer["error"])
-            for i, text in zip(groups[name], answer["outputs"]):
-                outputs[i] = text
+            for i, text, version in zip(groups[name], answer["outputs"], answer["versions"]):
+                outputs[i], versions[i] = text, version
             timings["queue_ms"] = max(timings["queue_ms"], answer["timings"]["queue_ms"])
             timings["compute_ms"] += answer["timings"]["compute_ms"]
             timings["batches"] += answer["timings"]["batches"]
         timings["total_ms"] = round(1000 * (time.perf_counter() - started), 2)
         timings["compute_ms"] = round(timings["compute_ms"], 2)
-        return outputs, timings
+        return outputs, versions, timings
 
     add_inference_routes(app, catalog, settings, metrics, submit)
     add_listing_route(app, catalog, ledger.resident, adapters_per_replica)

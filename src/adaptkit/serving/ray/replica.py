@@ -31,7 +31,7 @@ from adaptkit.serving.metrics import ServeMetrics
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ApiError, ServeSettings
 from adaptkit.serving.sharedstore import SharedStore
-from adaptkit.serving.work import BatchKey, Job, Row
+from adaptkit.serving.work import BatchKey, Job, RequestRow
 
 
 class Resident:
@@ -109,9 +109,9 @@ class ReplicaCore:
         return resident
 
     async def unload(self, name: str) -> None:
-        # Directly, not through the loader thread: at K resident its make-room step would evict another adapter.
-        # The bank waits for a batch still running with it.
-        await asyncio.to_thread(self.model.remove_adapter, name)
+        # Through the scheduler, the one owner of the bank: it stops admitting the adapter's rows, waits for its
+        # running rows, then takes it out (the store's file stays: `fn` does nothing).
+        await self.scheduler.call_exclusive(lambda: None, changes=name)
         self.unloads += 1
 
     # -- requests ------------------------------------------------------------------------------
@@ -127,14 +127,14 @@ class ReplicaCore:
                 self.hits += name in self.residents  # served without waiting for a load
                 resident = await self._hold(name, adapter)
             try:
-                outputs, timings = await self._generate(name or None, BatchKey(**key), rows)
+                outputs, versions, timings = await self._generate(name or None, BatchKey(**key), rows)
             finally:
                 if resident is not None:
                     resident.leave()
         except ApiError as error:
             return {"error": {"status": error.status, **error.body()["error"], "headers": error.headers},
                     "replica": self.stats()}
-        return {"outputs": outputs, "timings": timings, "replica": self.stats()}
+        return {"outputs": outputs, "versions": versions, "timings": timings, "replica": self.stats()}
 
     async def _hold(self, name: str, adapter: Callable[[str], Awaitable[Resident]]) -> Resident:
         """The adapter resident and held by this request (rows of a held adapter are never evicted under them).
@@ -156,16 +156,16 @@ class ReplicaCore:
                 return resident
 
     async def _generate(self, adapter: str | None, key: BatchKey,
-                        rows: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+                        rows: list[dict[str, Any]]) -> tuple[list[str], list[str | None], dict[str, Any]]:
         job = Job(asyncio.get_running_loop(), len(rows))
-        self.scheduler.submit(job, [Row(job, i, key, adapter, r["text"], r.get("src_lang"), r.get("tgt_lang"),
-                                        r.get("task")) for i, r in enumerate(rows)])
+        self.scheduler.submit(job, [RequestRow(job, i, key, adapter, r["text"], r.get("src_lang"), r.get("tgt_lang"),
+                                               r.get("task")) for i, r in enumerate(rows)])
         try:
             outputs = await job.future
         except asyncio.CancelledError:  # the ingress gave up on it (its client went away)
             self.scheduler.cancel(job)
             raise
-        return outputs, job.timings()
+        return outputs, list(job.versions), job.timings()
 
     def stats(self) -> dict[str, Any]:
         """This replica's own counts; `seq` orders snapshots of one replica."""

@@ -50,6 +50,7 @@ class DecodingRow:
     tag: Any = None  # the caller's handle for the row
     on_token: Callable[[int], None] | None = None  # called with each token as it is written (streaming)
     tokens: list[int] = field(default_factory=list)
+    error: Exception | None = None  # what its stop rule or on_token raised: the row ended there, alone
 
 
 def line_written(text: str) -> bool:
@@ -254,12 +255,17 @@ class ContinuousBatch:
         return output.logits[:, -1, :].float().argmax(-1).cpu()
 
     def _append(self, row: DecodingRow, token: int) -> bool:
-        """Add the token; True when the row is done."""
+        """Add the token; True when the row is done. A row whose own callbacks raise ends with `error` set:
+        one bad row must not fail the others that share its step."""
         row.tokens.append(token)
-        if row.on_token is not None:
-            row.on_token(token)
-        return (token in self.eos or len(row.tokens) >= row.max_new_tokens
-                or (row.stop is not None and row.stop(row.tokens)))
+        try:
+            if row.on_token is not None:
+                row.on_token(token)
+            return (token in self.eos or len(row.tokens) >= row.max_new_tokens
+                    or (row.stop is not None and row.stop(row.tokens)))
+        except Exception as error:  # noqa: BLE001 — kept on the row, reported to its caller alone
+            row.error = error
+            return True
 
 
 def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_rows: int,
@@ -283,6 +289,8 @@ def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_ro
                 finished += engine.add([waiting.popleft() for _ in range(min(free, len(waiting)))])
             finished += engine.step()
             for row in finished:
+                if row.error is not None:  # its stop rule raised: the library caller sees why
+                    raise row.error
                 on_done(row)
     finally:
         engine.remove(list(engine.rows))
