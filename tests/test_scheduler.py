@@ -307,7 +307,7 @@ def test_a_dead_worker_fails_waiting_requests_and_refuses_new_ones(tmp_path):
 
 
 def test_a_request_past_its_deadline_gets_504_and_its_rows_leave_the_batch(tmp_path):
-    """--request-timeout: the answer is a JSON 504 at the deadline, not when the rows would have finished; the
+    """--request-timeout-s: the answer is a JSON 504 at the deadline, not when the rows would have finished; the
     rows leave the continuous batch, and the service answers the next request."""
     from fastapi.testclient import TestClient
 
@@ -332,7 +332,7 @@ def test_a_request_past_its_deadline_gets_504_and_its_rows_leave_the_batch(tmp_p
         late = client.post("/v1/generate", json=body)
         slow.clear()
         assert late.status_code == 504, late.text
-        assert late.json()["error"]["code"] == "request_timeout" and "--request-timeout" in late.text
+        assert late.json()["error"]["code"] == "request_timeout" and "--request-timeout-s" in late.text
         for _ in range(2000):  # the worker notices at its next step
             if not len(engine) and scheduler.in_flight == 0:
                 break

@@ -70,7 +70,7 @@ MAX_RESIDENT = 3
 CLIENTS, PER_CLIENT, CHURN_STEPS = 32, 10, 24
 MARKER = "boom"  # the served tokenizer raises on texts with it
 POISON = "b8"  # ... and on decoding a row's written ids that hold this token
-DEADLINE_S = 15.0  # the server's --request-timeout, where the service has one
+DEADLINE_S = 15.0  # the server's --request-timeout-s
 CLIENT_TIMEOUT_S = DEADLINE_S + 10  # no answer by then: a hang
 
 

@@ -96,7 +96,7 @@ def create_app(model: AdaptedModel, store: str | Path | AdapterStore | None = No
             job.future.cancel()
             if not client_left:
                 raise ApiError(504, "request_timeout", f"no answer within {settings.request_timeout_s:g} s "
-                               "(--request-timeout); its rows were dropped. Retry, or ask for fewer or shorter texts")
+                               "(--request-timeout-s); its rows were dropped. Retry, or ask for fewer or shorter texts")
             raise ApiError(499, "client_closed_request", "the client disconnected; its waiting rows were dropped")
         return job.future.result(), list(job.versions), job.timings()
 

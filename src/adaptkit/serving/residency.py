@@ -107,6 +107,9 @@ class Residency:
     def start_drain(self) -> str | None:
         """Stop admitting rows of the running adapter least recently admitted, so it frees its slot; None
         when a drain is under way already or nothing can be drained."""
+        for name in [n for n, why in self.blocked.items() if why == DRAINING]:
+            if self.idle(name) and name not in self.store:  # its file went away meanwhile: it cannot be evicted
+                self.unblock(name, DRAINING)
         if DRAINING in self.blocked.values():
             return None
         candidates = [name for name in self.running if name not in self.blocked and name in self.store]

@@ -206,7 +206,7 @@ class Scheduler:
             self._check_open()
             if not ready or not self.residency.admissible(name):
                 raise ApiError(504, "request_timeout", f"adapter {name!r} was not loaded within {timeout} s "
-                               "(--request-timeout)")
+                               "(--request-timeout-s)")
             version = self.residency.acquire([name])[0]
         try:
             yield version

@@ -143,7 +143,7 @@ class Streams:
                     item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.perf_counter()))
                 except asyncio.TimeoutError:
                     item = ApiError(504, "request_timeout", f"the stream did not end within "
-                                    f"{self.settings.request_timeout_s:g} s (--request-timeout)")
+                                    f"{self.settings.request_timeout_s:g} s (--request-timeout-s)")
                 if item is _END:
                     break
                 if item is None:  # nothing new to send yet (held back by the streamer or the tidier)
