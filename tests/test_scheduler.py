@@ -343,3 +343,44 @@ def test_a_request_past_its_deadline_gets_504_and_its_rows_leave_the_batch(tmp_p
     alone = Generator(ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder")), continuous=False)
     assert quick.json()["outputs"] == alone.generate(["a1 a2 a3"], adapter=None, task="translate", src_lang="en",
                                                      tgt_lang="de", max_new_tokens=4)
+
+
+def test_inside_the_service_a_call_never_loads_an_adapter_by_itself(tmp_path):
+    """Only the loader changes the bank: a call for an adapter that is in the store but not resident fails
+    (the old worker loaded it inside `using()`, where no eviction path could see it)."""
+    scheduler, model = service(tmp_path, max_resident=2)
+    write_version(model, "A", ak.LoRA(r=2), 7, model.store.path_for("A"))
+    scheduler.start()
+    try:
+        with pytest.raises(ak.AdapterError, match="no adapter named 'A'"):
+            with model.using("A"):
+                pass
+        assert model.adapters == []
+    finally:
+        scheduler.stop()
+
+
+def test_a_text_past_the_source_limit_is_translated_whole_by_the_service(tmp_path):
+    """Two long texts (over max_source_len tokens) that differ only in their last sentence: the service answers
+    each as the library's Translator does, which translates every segment, so the answers differ too."""
+    from fastapi.testclient import TestClient
+
+    from adaptkit.serving.app import create_app
+
+    model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"), store=tmp_path / "store")
+    write_version(model, "A", ak.LoRA(r=4, targets="all-linear"), 8, model.store.path_for("A"))
+    body = ". ".join(" ".join(f"a{(7 * i + j) % 30}" for j in range(9)) for i in range(34))
+    texts = [body + ". a1 a2 a3.", body + ". a4 a5 a6."]
+    translator = Translator(model, continuous=False)
+    assert len(model.tokenizer(texts[0])["input_ids"]) > translator.max_source_len
+    app = create_app(model, settings=ServeSettings(max_wait_ms=0, max_text_chars=4000))
+    with TestClient(app) as client:
+        served = client.post("/v1/translate", json={"texts": texts, "src_lang": "en", "tgt_lang": "de",
+                                                    "adapter": "A", "max_new_tokens": 6})
+    assert served.status_code == 200, served.text
+    reference = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
+    reference.load_adapter(model.store.path_for("A"), "A")
+    expected = Translator(reference, continuous=False).translate(texts, "en", "de", adapter="A", num_beams=1,
+                                                                 max_new_tokens=6)
+    assert served.json()["translations"] == expected
+    assert expected[0] != expected[1]  # the last sentence was translated, not cut away
