@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -37,8 +36,7 @@ from adaptkit.serving.server import FD_RESERVE, configure_server, connection_cap
 from adaptkit.serving.settings import ApiError, ServeSettings  # noqa: E402
 from adaptkit.tasks.translate import Translator  # noqa: E402
 from test_adapterfile import edit_first_float  # noqa: E402
-from test_train import tiny_tokenizer  # noqa: E402
-from tiny import tiny_model  # noqa: E402
+from tiny import random_lora_file, saved_tiny_llama, with_random_adapters  # noqa: E402
 
 SETTINGS = ServeSettings(max_connections=16, header_timeout_s=1.5, body_timeout_s=1.5, min_body_rate=200,
                          keep_alive_s=1.0, max_header_bytes=4096, max_uploads=1, max_wait_ms=0)
@@ -65,14 +63,7 @@ class Edge:
 
     def adapter_file(self, tmp_path: Path, name: str = "upload", seed: int = 3) -> Path:
         """A LoRA for this backbone with random weights, saved under `name` in its header."""
-        model = ak.load(self.backbone)
-        model.add_adapter(name, ak.LoRA(r=2, targets="attention"))
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.adapter_parameters(name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-        return model.save_adapter(name, tmp_path / f"{name.replace('/', '_')}.safetensors", src_lang="en",
-                                  tgt_lang="de", domain="uploaded")
+        return random_lora_file(self.backbone, tmp_path, name, seed, "uploaded")
 
 
 def free_port() -> int:
@@ -82,17 +73,9 @@ def free_port() -> int:
 
 
 def build_store(root: Path) -> tuple[Path, Path, ak.AdaptedModel]:
-    backbone, store = root / "backbone", root / "store"
-    model = ak.AdaptedModel(tiny_model("llama"), tiny_tokenizer("decoder"))
-    model.model.save_pretrained(backbone)
-    model.tokenizer.save_pretrained(backbone)
-    reference = ak.load(backbone, store=store)
-    generator = torch.Generator().manual_seed(11)
-    for name, config in CONFIGS.items():
-        reference.add_adapter(name, config)
-        with torch.no_grad():
-            for p in reference.adapter_parameters(name):
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    backbone, store = saved_tiny_llama(root / "backbone"), root / "store"
+    reference = with_random_adapters(ak.load(backbone, store=store), CONFIGS, 11, 0.5)
+    for name in CONFIGS:
         reference.save_adapter(name, src_lang="en", tgt_lang="de", domain=name.split("/")[1])
     return backbone, store, reference
 

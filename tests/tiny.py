@@ -81,3 +81,23 @@ def with_random_adapters(model, configs: dict, seed: int, scale: float):
             for parameter in model.adapter_parameters(name):
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
     return model
+
+
+def random_lora_file(backbone, folder, name: str, seed: int, domain: str):
+    """A LoRA for the saved backbone at `backbone`, random weights from `seed`, saved into `folder` with
+    routing keys en→de and `domain`; returns its path."""
+    import adaptkit as ak
+
+    model = with_random_adapters(ak.load(backbone), {name: ak.LoRA(r=2, targets="attention")}, seed, 0.5)
+    return model.save_adapter(name, folder / f"{name.replace('/', '_')}.safetensors", src_lang="en", tgt_lang="de",
+                              domain=domain)
+
+
+def saved_tiny_llama(folder):
+    """The tiny llama and the decoder test tokenizer saved as a checkpoint in `folder` (what `ak.load` and
+    `adaptkit serve --backbone` read); returns `folder`."""
+    from test_train import tiny_tokenizer
+
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer("decoder").save_pretrained(folder)
+    return folder

@@ -7,8 +7,10 @@
     adaptkit serve --ray --address auto --store s3://bucket/adapters ...     # on a cluster (ray start --head)
 
 `--adapter FILE` copies adapter files into the store at start-up (checked like an upload, under the
-name in their header). Connections, request heads and bodies are bounded (--max-connections,
---header-timeout-s, --body-timeout-s, --min-body-rate, --keep-alive-s, --max-header-bytes).
+name in their header); `--adapter DIR` converts a peft adapter directory (LoRA, AdaLoRA, prefix tuning:
+adapter_config.json + adapter_model.safetensors) into one, under the directory's name. Connections,
+request heads and bodies are bounded (--max-connections, --header-timeout-s, --body-timeout-s,
+--min-body-rate, --keep-alive-s, --max-header-bytes).
 Needs the `serve` extra: pip install 'adaptkit[serve]' (with --ray: 'adaptkit[ray]').
 With --ray the same HTTP API runs as a Ray Serve application: replicas of the backbone, each holding
 at most --adapters-per-replica adapters, requests sent to a replica that holds theirs.
@@ -39,6 +41,7 @@ def serve_command(args: argparse.Namespace) -> int:
         return serve_on_ray(args)
     try:
         from adaptkit.serving.app import create_app
+        from adaptkit.serving.openai_routes import base_model_id
         from adaptkit.serving.server import check_limits, configure_server
     except ModuleNotFoundError as error:
         print(f"error: {error.name} is missing; install the service's dependencies: pip install 'adaptkit[serve]'",
@@ -52,7 +55,9 @@ def serve_command(args: argparse.Namespace) -> int:
                      device=args.device, quantize=args.quantize)
         catalog = AdapterCatalog(model.store)
         for path in args.adapter or ():
-            entry = catalog.add_file(model, Path(path), replace=True)
+            # a directory is a peft adapter (as vLLM and LoRAX take them), converted and checked like an upload
+            entry = (catalog.install_peft_dir(model, path, replace=True) if Path(path).is_dir() else
+                     catalog.add_file(model, Path(path), replace=True))
             print(f"adapter {entry.name!r} ({entry.info['method']}) from {path} → {model.store.root}", file=sys.stderr)
     except (AdapterError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -61,9 +66,18 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key-file: anyone who reaches it can use it and "
               "upload or delete adapters", file=sys.stderr)
     app = create_app(model, settings=settings, api_keys=keys)
+    print(f"OpenAI-compatible API: base_url=http://{_url_host(args.host)}:{args.port}/v1 (model = an adapter's name, "
+          f"or {base_model_id(model)!r} for the backbone)", file=sys.stderr, flush=True)
     # uvicorn with the connection, header, body and keep-alive limits (serving/server.py)
     configure_server(app, settings, host=args.host, port=args.port, log_level=args.log_level).run()
     return 0
+
+
+def _url_host(host: str) -> str:
+    """The host as a client writes it in a URL: an IPv6 address in brackets, a wildcard as this machine."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def serve_on_ray(args: argparse.Namespace) -> int:
@@ -123,8 +137,9 @@ def add_serve_command(subparsers: argparse._SubParsersAction) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="gemma3-270m", help="zoo name, local dir or Hub id")
     parser.add_argument("--store", default="adapters", help="the adapter store directory (default: %(default)s)")
-    parser.add_argument("--adapter", nargs="+", action="extend", metavar="FILE",
-                        help="adapter files to copy into the store at start-up, under the names in their headers")
+    parser.add_argument("--adapter", nargs="+", action="extend", metavar="PATH",
+                        help="adapter files to copy into the store at start-up, under the names in their headers; "
+                             "a peft adapter directory is converted, under the directory's name")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--max-resident", type=int, default=None,

@@ -77,6 +77,13 @@ def write_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], metad
     path = Path(path)
     if path.suffix != SUFFIX:
         raise AdapterError(f"adapter files end in {SUFFIX}; got {path.name!r}")
+    write_atomic(path, encode_adapter_file(tensors, metadata))
+    return path
+
+
+def encode_adapter_file(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> bytes:
+    """The bytes of the adapter file `write_adapter_file` writes, checksum included: for a writer that puts
+    them somewhere of its own (the service's scratch files, which are not named `*.safetensors`)."""
     reserved = sorted({"format", "sha256", "verified"} & set(metadata))
     if reserved:
         raise AdapterError(f"metadata {reserved} is written by adaptkit itself; leave it out")
@@ -87,8 +94,7 @@ def write_adapter_file(path: str | Path, tensors: dict[str, torch.Tensor], metad
             continue
         header[PREFIX + key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     header[CHECKSUM_KEY] = tensors_sha256(header, tensors)
-    write_atomic(path, save_tensors(tensors, metadata=header))
-    return path
+    return save_tensors(tensors, metadata=header)
 
 
 def read_adapter_file(path: str | Path, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -36,6 +36,10 @@ class Admission:
                            headers={"Retry-After": str(self.settings.retry_after_s)})
         self.pending.extend(rows)
 
+    def waiting_by_adapter(self) -> collections.Counter[str]:
+        """Rows waiting, per adapter ('' for the bare backbone); rows of ended requests are not counted."""
+        return collections.Counter(row.adapter or "" for row in self.pending if not row.job.ended)
+
     def drop(self, job: Job) -> None:
         self.pending = [row for row in self.pending if row.job is not job]
 

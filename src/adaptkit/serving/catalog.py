@@ -5,6 +5,11 @@ holds at most `max_resident`), so the service keeps this catalog of headers besi
 whose header fails its checks stays listed with the reason, and requests that name it get that reason.
 Adding and removing files also lives here: checked like `load_adapter` (without touching the bank,
 which is the scheduler's), moved into place atomically, and never to a path outside the store.
+
+A peft adapter (a directory, or a tar of one: `pefttar.py`) enters the same way: `interop` converts it into
+an adaptkit file in a scratch file of the store, and that file goes through `install` like an upload —
+the same checks, the same atomic move, its checksum written by the conversion. There is no separate
+peft path into the store to keep in step with the native one.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
+from adaptkit.core.adapterfile import AdapterStore, encode_adapter_file, read_adapter_info
 from adaptkit.core.atomicfile import write_atomic_chunks
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
+from adaptkit.interop.peft import PeftAdapter, adapter_file_from_peft, read_peft_dir
+from adaptkit.serving.pefttar import TarLimits, read_peft_tar
 from adaptkit.serving.uploads import scratch_file
 from adaptkit.tasks.translate import match_adapter
 
@@ -176,6 +184,51 @@ class AdapterCatalog:
                         view = view[os.write(fd, view):]
             os.fsync(fd)
             return self.install(model, scratch, self.name_in_file(scratch), replace)
+
+    # -- peft adapters: converted into a scratch file, then `install` ----------------------------------
+    @contextlib.contextmanager
+    def converted_peft(self, model: AdaptedModel, peft: PeftAdapter, name: str) -> Iterator[Path]:
+        """`peft` as an adaptkit adapter file named `name`, in a scratch file of the store for `install`
+        (which checks it as it checks an upload); removed on exit unless installed meanwhile. Converting
+        reads only the backbone's layout, not the bank: no need to run on the scheduler."""
+        self.installable(name)
+        with self._scratch_holding(encode_adapter_file(*adapter_file_from_peft(model, peft, name))) as path:
+            yield path
+
+    def install_peft_dir(self, model: AdaptedModel, peft_dir: str | Path, name: str | None = None, *,
+                         replace: bool = False) -> Entry:
+        """Install a peft adapter directory (LoRA, AdaLoRA, prefix tuning; adapter_config.json +
+        adapter_model.safetensors, never a pickle) as adapter `name` (default: the directory's name). For
+        callers that own the bank's changes (start-up); the service goes through its scheduler instead."""
+        name = name or Path(peft_dir).resolve().name
+        with self.converted_peft(model, read_peft_dir(peft_dir), name) as path:
+            return self.install(model, path, name, replace)
+
+    @contextlib.contextmanager
+    def converted_peft_tar(self, model: AdaptedModel, tar: Path, name: str | None, limits: TarLimits
+                           ) -> Iterator[tuple[Path, str]]:
+        """The peft directory packed in the tar at `tar` (an upload's scratch file) as a scratch adaptkit file for
+        `install`, and its name (`name`, else the tar's top folder). Unpacking is bounded by `limits` and
+        never writes a path from the tar (pefttar.py)."""
+        with read_peft_tar(tar, self.store.root, limits) as (peft, folder):
+            name = name or folder
+            if not name:
+                raise AdapterError("the tar has its files at the top, so it names no adapter; pass ?name=... "
+                                   "(or pack the peft directory itself: tar cf adapter.tar -C PARENT DIR)")
+            self.installable(name)
+            tensors, metadata = adapter_file_from_peft(model, peft, name)
+        # the unpacked weights' scratch file is gone before the converted one is written: one copy at a time
+        with self._scratch_holding(encode_adapter_file(tensors, metadata)) as path:
+            yield path, name
+
+    @contextlib.contextmanager
+    def _scratch_holding(self, data: bytes) -> Iterator[Path]:
+        with scratch_file(self.store.root) as (fd, path):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)  # the rename that installs it must not outlive its bytes
+            yield path
 
     def delete(self, name: str) -> None:
         """Remove adapter `name`'s file from the store (the bank is the scheduler's: it removes the adapter there)."""

@@ -12,6 +12,7 @@ was admitted under, for as long as it decodes. A failing row fails only its own 
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -36,11 +37,17 @@ class Driver:
         self.batches_run = 0
         self._admitted: dict[int, RequestRow] = {}  # id(row) → row, from admission until it is settled
         self._in_engine: dict[int, RequestRow] = {}  # id(DecodingRow) → its request row, while it decodes
+        if metrics is not None:
+            runner.tokens_written = self._tokens_written  # static batches of "complete" rows report their steps
 
     @property
     def running_rows(self) -> int:
         """Rows admitted and not yet settled (read with the lock held)."""
         return len(self._admitted)
+
+    def running_by_adapter(self) -> collections.Counter[str]:
+        """Rows admitted and not yet settled, per adapter ('' for the bare backbone); with the lock held."""
+        return collections.Counter(row.adapter or "" for row in self._admitted.values())
 
     def run_once(self) -> bool:
         """Wait for a batch and run it; False once the service stops."""
@@ -162,6 +169,7 @@ class Driver:
                         self._fail_engine(engine, ApiError(503, "shutting_down", "the service is shutting down; "
                                                            "retry elsewhere"))
                     return
+                stepping = list(engine.rows)
                 rows, adapters, started = len(engine), len(engine.adapters), time.perf_counter()
                 try:
                     finished = engine.step()
@@ -173,6 +181,7 @@ class Driver:
                     self.metrics.batch_rows.observe(rows)
                     self.metrics.batch_adapters.observe(adapters)
                     self.metrics.batch_seconds.observe(time.perf_counter() - started)
+                    self._tokens_written([decoding.tag for decoding in stepping])  # one token each
                 self._deliver(finished)
                 with self.lock:
                     self._left_engine(engine)
@@ -212,7 +221,26 @@ class Driver:
                 self._in_engine.pop(id(rows[0].decoding), None)
                 self._settle(rows)
             return
+        if self.metrics is not None:
+            self._tokens_written(rows)  # the prefill wrote each newcomer's first token
         self._deliver(finished)
+
+    def _tokens_written(self, rows: Sequence[RequestRow]) -> None:
+        """Each of `rows` wrote one token now: time to first token (from the request's arrival, so queueing and
+        loading count, as the client sees it), inter-token latency, and tokens per adapter. Worker thread only."""
+        assert self.metrics is not None
+        now = time.monotonic()
+        per_adapter: collections.Counter[str] = collections.Counter()
+        for row in rows:
+            if row.first_token is None:
+                row.first_token = now
+                self.metrics.first_token_seconds.observe(now - row.arrived)
+            else:
+                self.metrics.inter_token_seconds.observe(now - (row.last_token or now))
+            row.last_token = now
+            per_adapter[row.adapter or ""] += 1
+        for adapter, count in per_adapter.items():
+            self.metrics.tokens.labels(adapter).inc(count)
 
     def _deliver(self, finished: Sequence[DecodingRow]) -> None:
         """Answer the finished rows (a row whose own callbacks raised fails alone); a request's compute time is

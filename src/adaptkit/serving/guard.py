@@ -1,6 +1,7 @@
 """The edge of the service, in front of every route: API keys, the body-size limit, the body timeout,
 per-route latency and status metrics (an ASGI middleware), and the handlers that turn every error into
-the same JSON shape: {"error": {"code", "message", "limit"?}}.
+the same JSON shape: {"error": {"code", "message", "limit"?}} — on the OpenAI-compatible paths OpenAI's
+{"error": {"message", "type", "code", "param"}}, so OpenAI SDKs read every error there, a missing key's too.
 
 No route answers plain text: a catch-all handler answers any unexpected exception with a JSON 500, and
 the JSON itself is rendered so that it cannot fail (text that UTF-8 cannot encode, such as a lone
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptkit.serving.metrics import ServeMetrics, route_label
-from adaptkit.serving.settings import ApiError, ServeSettings
+from adaptkit.serving.settings import ApiError, ServeSettings, openai_path
 
 logger = logging.getLogger("adaptkit.serving")
 
@@ -48,6 +49,10 @@ class BodyTimeout(HTTPException):
         self.error = ApiError(408, "body_timeout", message, limit=limit, headers=dict(CLOSE))
 
 
+# Served without a key: liveness, and the playground's static files (serving/playground.py): they hold no data,
+# a browser cannot send a Bearer header when it navigates, and every call the page makes sends the user's key.
+OPEN_PATHS = frozenset({"/healthz", "/", "/playground.js", "/playground.css"})
+
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
 
 
@@ -69,10 +74,12 @@ def printable(value: Any) -> Any:
 _UNRENDERABLE = b'{"error":{"code":"internal_error","message":"the error could not be rendered; see the server log"}}'
 
 
-def render_error(error: ApiError) -> bytes:
-    """The JSON body of `error`, always: the answer to a bad request must not become a crash of its own."""
+def render_error(error: ApiError, openai: bool = False) -> bytes:
+    """The JSON body of `error` (in OpenAI's shape with `openai`), always: the answer to a bad request must not
+    become a crash of its own."""
     try:
-        return json.dumps(printable(error.body()), ensure_ascii=False, allow_nan=False,
+        return json.dumps(printable(error.openai_body() if openai else error.body()), ensure_ascii=False,
+                          allow_nan=False,
                           separators=(",", ":")).encode("utf-8")
     except Exception:  # noqa: BLE001 - e.g. a limit value that JSON cannot hold
         logger.exception("could not render the error %r", error.code)
@@ -80,13 +87,14 @@ def render_error(error: ApiError) -> bytes:
 
 
 class ErrorResponse(JSONResponse):
-    """A JSONResponse of an ApiError, rendered by `render_error`."""
+    """A JSONResponse of an ApiError, rendered by `render_error` (OpenAI's shape with `openai`)."""
 
-    def __init__(self, error: ApiError):
+    def __init__(self, error: ApiError, openai: bool = False):
+        self.openai = openai  # (read by render, which the constructor calls)
         super().__init__(error, status_code=error.status, headers=error.headers)
 
     def render(self, content: Any) -> bytes:
-        return render_error(content) if isinstance(content, ApiError) else super().render(content)
+        return render_error(content, self.openai) if isinstance(content, ApiError) else super().render(content)
 
 
 def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
@@ -94,7 +102,7 @@ def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
         adapters = getattr(request.state, "adapters", None) or [""]
         for adapter in adapters:
             metrics.errors.labels(route_label(request.url.path), printable(adapter), error.code).inc()
-        return ErrorResponse(error)
+        return ErrorResponse(error, openai_path(request.url.path))
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -112,7 +120,8 @@ def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
                  for e in errors[:5]]
         # text UTF-8 cannot encode has a code of its own: the fix is in the client's text, not its fields
         code = "invalid_text" if errors and all(e.get("type") == "invalid_text" for e in errors) else "invalid_request"
-        return answer(request, ApiError(422, code, "; ".join(parts)))
+        field = ".".join(str(p) for p in errors[0].get("loc", ()) if p != "body") if errors else ""
+        return answer(request, ApiError(422, code, "; ".join(parts), param=field or None))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -151,7 +160,7 @@ class Guard:
             await send(message)
 
         try:
-            if self.keys and path != "/healthz" and not self._authorized(scope):
+            if self.keys and path not in OPEN_PATHS and not self._authorized(scope):
                 await self._reject(scope, send_tracked, route, ApiError(
                     401, "unauthorized", "this service needs an API key: send 'Authorization: Bearer <key>'",
                     headers={"WWW-Authenticate": "Bearer"}))
@@ -229,7 +238,7 @@ class Guard:
 
     async def _reject(self, scope: dict, send: Any, route: str, error: ApiError) -> None:
         self.metrics.errors.labels(route, "", error.code).inc()
-        await ErrorResponse(error)(scope, _no_receive, send)
+        await ErrorResponse(error, openai_path(scope["path"]))(scope, _no_receive, send)
 
 
 def _header(scope: dict, name: bytes) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastapi import FastAPI, Request
 
@@ -29,8 +29,11 @@ from adaptkit.serving.schemas import (
     TranslateResponse,
 )
 from adaptkit.serving.settings import ApiError, ServeSettings
-from adaptkit.serving.work import BatchKey
+from adaptkit.serving.work import BatchKey, Job
 from adaptkit.tasks.generate import TASKS
+
+if TYPE_CHECKING:
+    from adaptkit.serving.scheduler import Scheduler
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": what} for status, what in {
@@ -207,6 +210,28 @@ def adapter_info(entry: Entry, resident: bool) -> AdapterInfo:
                        src_lang=info.get("src_lang"), tgt_lang=info.get("tgt_lang"), domain=info.get("domain"),
                        num_parameters=info.get("num_parameters"), file_bytes=info.get("file_bytes"),
                        metrics=info.get("metrics"), resident=resident, error=entry.error)
+
+
+async def await_answer(request: Request, job: Job, scheduler: Scheduler, timeout_s: float) -> list[str]:
+    """A submitted request's answers; past `timeout_s` (504 request_timeout) or once its client is gone (499),
+    its rows are dropped: waiting ones leave the queue, running ones the continuous batch at its next step."""
+    watcher = asyncio.ensure_future(client_gone(request))
+    try:
+        await asyncio.wait({job.future, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        client_left = watcher.done()
+    except asyncio.CancelledError:
+        scheduler.cancel(job)
+        raise
+    finally:
+        watcher.cancel()
+    if not job.future.done():
+        scheduler.cancel(job)
+        job.future.cancel()
+        if not client_left:
+            raise ApiError(504, "request_timeout", f"no answer within {timeout_s:g} s (--request-timeout-s); its "
+                           "rows were dropped. Retry, or ask for fewer or shorter texts")
+        raise ApiError(499, "client_closed_request", "the client disconnected; its waiting rows were dropped")
+    return job.future.result()
 
 
 async def client_gone(request: Request) -> None:

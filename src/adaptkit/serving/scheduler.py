@@ -60,7 +60,8 @@ class Scheduler:
                          threading.Thread(target=self._thread, args=(self._load_once,), name="adaptkit-loader",
                                           daemon=True)]
         if metrics is not None:
-            metrics.track(queue_depth=lambda: len(self.admission.pending), resident=lambda: len(self.model.adapters))
+            metrics.track(queue_depth=lambda: len(self.admission.pending), resident=lambda: len(self.model.adapters),
+                          rows=self.rows_by_adapter)
             metrics.resident_peak.set(self.peak_resident)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -94,6 +95,17 @@ class Scheduler:
         """Rows waiting or running."""
         with self._lock:
             return len(self.admission.pending) + self.driver.running_rows
+
+    def rows_by_adapter(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Running and waiting rows per adapter ('' for the bare backbone), with 0 for each resident adapter."""
+        with self._lock:
+            running = self.driver.running_by_adapter()
+            waiting = self.admission.waiting_by_adapter()
+            resident = list(self.model.adapters)
+        for name in resident:
+            running.setdefault(name, 0)
+            waiting.setdefault(name, 0)
+        return dict(running), dict(waiting)
 
     @property
     def queue_depth(self) -> int:

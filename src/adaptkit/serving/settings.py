@@ -53,10 +53,18 @@ class ServeSettings:
                                      "--body-timeout-s (0: no rate, only the wait for each piece)")
     keep_alive_s: float = _knob(5.0, "an idle keep-alive connection is closed after this many seconds")
     max_uploads: int = _knob(2, "adapter uploads streaming into the store at once (503 uploads_busy beyond)")
+    adapter_dir: tuple[str, ...] = _knob((), "directories POST /v1/load_lora_adapter may install adapter files and "
+                                             "peft directories from, besides the store (symlinks are resolved "
+                                             "before the check; none: the store only)")
+    # A peft directory uploaded as a tar (serving/pefttar.py): gzip can make it far larger than its upload.
+    max_unpacked_bytes: int = _knob(256 << 20, "largest total size of the files in an uploaded tar of a peft "
+                                               "directory, after gzip (413 unpacked_too_large beyond)")
+    max_tar_members: int = _knob(16, "members (files, folders) in an uploaded tar of a peft directory "
+                                     "(422 invalid_peft_tar beyond)")
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "max_queue", "max_texts", "max_text_chars", "max_new_tokens_limit", "max_beams",
-                     "max_body_bytes", "max_upload_bytes", "max_streams"):
+                     "max_body_bytes", "max_upload_bytes", "max_streams", "max_unpacked_bytes", "max_tar_members"):
             if getattr(self, name) < 1:
                 raise AdapterError(f"ServeSettings.{name} must be at least 1; got {getattr(self, name)}")
         for name in ("request_timeout_s", "shutdown_grace_s"):
@@ -86,20 +94,40 @@ def load_api_keys(path: str | Path) -> tuple[str, ...]:
     return keys
 
 
+# The OpenAI-compatible routes (openai_routes.py): their errors take OpenAI's shape, which OpenAI SDKs read.
+OPENAI_PATHS = frozenset({"/v1/models", "/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter",
+                          "/v1/unload_lora_adapter"})
+
+
+def openai_path(path: str) -> bool:
+    return path in OPENAI_PATHS or path.startswith("/v1/models/")
+
+
 class ApiError(Exception):
-    """An answer the client gets as JSON: {"error": {"code", "message", "limit"?}} with an HTTP status."""
+    """An answer the client gets as JSON: {"error": {"code", "message", "limit"?}} with an HTTP status; on the
+    OpenAI routes {"error": {"message", "type", "code", "param"}} (`openai_body`)."""
 
     def __init__(self, status: int, code: str, message: str, *, limit: tuple[str, int] | None = None,
-                 headers: dict[str, str] | None = None):
+                 headers: dict[str, str] | None = None, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.limit = limit
         self.headers = headers or {}
+        self.param = param  # the request field at fault, where there is one (OpenAI's `param`)
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.limit is not None:
+            error["limit"] = {"name": self.limit[0], "value": self.limit[1]}
+        return {"error": error}
+
+    def openai_body(self) -> dict[str, Any]:
+        """OpenAI's error shape: `type` by status as OpenAI's API gives it, `code` adaptkit's (documented) code."""
+        kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+            self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        error: dict[str, Any] = {"message": self.message, "type": kind, "code": self.code, "param": self.param}
         if self.limit is not None:
             error["limit"] = {"name": self.limit[0], "value": self.limit[1]}
         return {"error": error}
