@@ -150,7 +150,8 @@ def test_deleting_an_adapter_under_traffic_fails_no_other_request(tmp_path):
         shutil.copy(model.store.path_for(name), files[version])
         model.load_from_store(name)  # resident from the start: both join the first batch
     deleted = None
-    started = hold_steps_until(scheduler, lambda: "B" in scheduler.residency.blocked or deleted.done())
+    started = hold_steps_until(scheduler, lambda: deleted is not None and ("B" in scheduler.residency.blocked
+                                                                          or deleted.done()))
 
     async def scenario():
         nonlocal deleted

@@ -15,6 +15,7 @@ from adaptkit.methods import (
     Bottleneck,
     LoRA,
     Prefix,
+    merge_adapters,
     register_method,
 )
 from adaptkit.tasks.classify import Classifier
@@ -31,5 +32,5 @@ __all__ = [
     "METHODS", "AdaLoRA", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "Bottleneck",
     "Classifier", "Generator", "LoRA", "Prefix",
     "TrainConfig", "Translator", "current_routing", "evaluate", "export_peft", "import_peft", "load",
-    "read_adapter_info", "register_method", "train",
+    "merge_adapters", "read_adapter_info", "register_method", "train",
 ]

@@ -9,6 +9,9 @@ Header `__metadata__` (string → string):
     adaptkit.sha256    checksum over the whole header and every tensor (fileheader.py); required
     adaptkit.name, .task, .src_lang, .tgt_lang, .domain   optional strings (routing keys)
     adaptkit.metrics, .training                           optional, JSON
+    adaptkit.merge     a merged adapter's provenance (methods/merging.py), JSON: method, density,
+                       majority_sign, seed, rank, stored_rank, relative_truncation_error, and inputs:
+                       [{name, weight, method, config, sha256 of its file or null}]
     adaptkit.head      a task head's description (kind, labels, sizes), JSON; its tensors are head.*
 
 A file is untrusted input. Reads check, before a tensor reaches the model: the safetensors
@@ -64,7 +67,7 @@ PREFIX = "adaptkit."
 ROUTING_KEYS = ("task", "src_lang", "tgt_lang", "domain")
 SUFFIX = ".safetensors"
 BEHAVIOUR_JSON_KEYS = ("config", "backbone", "head")  # JSON that changes what the adapter does: finite numbers
-RECORD_JSON_KEYS = ("metrics", "training")  # a record of the run: a NaN loss is allowed
+RECORD_JSON_KEYS = ("metrics", "training", "merge")  # a record of how it was made: a NaN loss is allowed
 _DEFAULT_NAME_MAX = 255
 _DEFAULT_PATH_MAX = 4096
 # Checksums of files being loaded, beside their builds; a few at once when several threads load.

@@ -266,8 +266,9 @@ class AdaptedModel(nn.Module):
         memory is allocated from it (safebuild.py).
         """
         name, adapter, info = self._build_from_file(path, name, check_backbone=check_backbone, verify=verify)
-        self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS} | {"metrics": info.get("metrics")},
-                     version=info.get("sha256"))
+        # a merged adapter's provenance rides along, so saving it again keeps it
+        self._insert(name, adapter, {k: info.get(k) for k in ROUTING_KEYS}
+                     | {"metrics": info.get("metrics"), "merge": info.get("merge")}, version=info.get("sha256"))
         return name
 
     def check_adapter_file(self, path: str | Path, name: str | None = None, *, check_backbone: bool = True

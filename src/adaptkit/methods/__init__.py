@@ -6,9 +6,10 @@ from adaptkit.methods.adalora import AdaLoRA
 from adaptkit.methods.base import Adapter, AdapterConfig
 from adaptkit.methods.bottleneck import Bottleneck
 from adaptkit.methods.lora import LoRA
+from adaptkit.methods.merging import MERGE_METHODS, merge_adapters
 from adaptkit.methods.prefix import Prefix
 
 __all__ = [
-    "METHODS", "AdaLoRA", "Adapter", "AdapterConfig", "AdapterError", "Bottleneck", "LoRA", "Prefix",
-    "adapter_class_for", "register_method",
+    "MERGE_METHODS", "METHODS", "AdaLoRA", "Adapter", "AdapterConfig", "AdapterError", "Bottleneck", "LoRA",
+    "Prefix", "adapter_class_for", "merge_adapters", "register_method",
 ]

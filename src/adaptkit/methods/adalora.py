@@ -219,6 +219,8 @@ class AdaLoRAAdapter(LowRankAdapter):
     method = "adalora"
     config_class = AdaLoRA
     peft_types: ClassVar[tuple[str, ...]] = ("ADALORA",)
+    # LoRA+: P is peft's lora_B; Λ is its lora_E, (r × 1) there, so 2-D and at the base lr like Q (lora_A)
+    loraplus_b: ClassVar[frozenset[str]] = frozenset({"P"})
 
     def __init__(self, name: str, config: AdaLoRA, arch: Arch):
         super().__init__(name, config, arch)

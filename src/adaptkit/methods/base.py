@@ -85,6 +85,9 @@ class Adapter(nn.Module):
     # What the family can do, read from the class by whoever needs to know (bank, benchmark, peft interop):
     mergeable: ClassVar[bool] = False  # merge() / unmerge() fold the adapter into the backbone's weights
     peft_types: ClassVar[tuple[str, ...]] = ()  # peft's `peft_type`s that from_peft() reads
+    # LoRA+ (trainer's loraplus_lr_ratio): leaf names of the parameters peft's create_loraplus_optimizer puts
+    # at lr × ratio (its "B" group); empty: the family has no B factor and LoRA+ is refused
+    loraplus_b: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, config: AdapterConfig, arch: Arch):
         super().__init__()

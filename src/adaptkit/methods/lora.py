@@ -13,7 +13,8 @@ row's A and scale · B, rank-padded and stacked, in one `bmm` pair over rows (Pu
 gathered form), built once per call and reused by every generate step.
 
 peft form: the same module paths, `lora_A.weight` (r × in) and `lora_B.weight` (out × r), one
-rank for all modules; DoRA, biases, per-module alpha and modules_to_save are refused on import.
+rank for all modules, and DoRA's `lora_magnitude_vector` (methods/dora.py); biases, per-module alpha and
+modules_to_save are refused on import.
 """
 
 from __future__ import annotations
@@ -32,12 +33,25 @@ from adaptkit.core.registry import register_method
 from adaptkit.core.routing import Routing
 from adaptkit.core.safebuild import loading_from_file
 from adaptkit.methods.base import Adapter, AdapterConfig, HookSite, add_rows, select_rows
+from adaptkit.methods.dora import DoRA, new_dora_updates
 
 
 @dataclass
 class LoRA(AdapterConfig):
     """r: rank; alpha: scale numerator (update scaled by alpha / r, or alpha / sqrt(r) with rslora);
-    targets: "attention" | "qv" | "ffn" | "all-linear" | roles like ("q", "v") | module names."""
+    targets: "attention" | "qv" | "ffn" | "all-linear" | roles like ("q", "v") | module names;
+    use_dora: DoRA, a learned magnitude per output feature (methods/dora.py);
+    init: A's starting draw, B always zero (a new adapter is the identity): "default" is peft's
+    `init_lora_weights=True` (kaiming-uniform, a=√5), "gaussian" its `init_lora_weights="gaussian"`
+    (A ~ N(0, std 1/r)).
+
+    peft's PiSSA, OLoRA, CorDA and LoftQ inits are not offered: they start B A from the backbone's own
+    weight and rewrite that weight to the residual W − s·B A. adaptkit's backbone is frozen and shared
+    by every adapter in the bank (and by rows routed to none), so no single adapter may change it; a
+    residual stored per adapter would double the memory of every targeted projection. Their peft
+    files (unconverted) are refused on import for the same reason. EVA (data-driven A, untouched W)
+    is a possible later addition. Alternative: train with init="default" or "gaussian", or convert a
+    PiSSA/OLoRA adapter to a plain LoRA in peft (`path_initial_model_for_weight_conversion`) and import that."""
 
     method = "lora"
     r: int = 8
@@ -45,15 +59,45 @@ class LoRA(AdapterConfig):
     dropout: float = 0.0
     targets: str | tuple[str, ...] = "attention"
     use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
 
     def __post_init__(self) -> None:
         self.targets = normalize_targets(self.targets)
         if self.r < 1:
             raise AdapterError(f"LoRA rank r must be at least 1, got {self.r}")
+        check_init(self.init)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Without `use_dora` when False and `init` when "default": a plain LoRA's header stays what older
+        adaptkit writes and reads."""
+        data = super().to_dict()
+        if not self.use_dora:
+            del data["use_dora"]
+        if self.init == "default":
+            del data["init"]
+        return data
 
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+LORA_INITS = ("default", "gaussian")
+# peft inits that rewrite the backbone's weight to a residual (W − s·B A): impossible on a shared backbone
+RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq")
+
+
+def check_init(init: str) -> None:
+    if init in LORA_INITS:
+        return
+    if isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS):
+        raise AdapterError(
+            f"LoRA init {init!r} rewrites the backbone's weight to the residual W − B A, which a frozen backbone "
+            "shared by many adapters cannot take (every other adapter, and rows routed to none, would see the "
+            "changed weight); use init=\"default\" or \"gaussian\", or convert the adapter to a plain LoRA in peft "
+            "(path_initial_model_for_weight_conversion) and import that")
+    raise AdapterError(f"LoRA init must be one of {', '.join(LORA_INITS)}; got {init!r}")
 
 
 def normalize_targets(targets: str | list[str] | tuple[str, ...]) -> str | tuple[str, ...]:
@@ -75,14 +119,20 @@ NO_DROPOUT = nn.Identity()
 class LoRAUpdate(nn.Module):
     """B A x for one projection. `merged` marks that B A currently lives inside W."""
 
-    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float):
+    dora = False  # DoRAUpdate (methods/dora.py): the hook gives it the projection's output
+
+    def __init__(self, in_features: int, out_features: int, r: int, scale: float, dropout: float,
+                 init: str = "default"):
         super().__init__()
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
         self.lora_B = nn.Parameter(torch.empty(out_features, r))
         if not loading_from_file():  # a strict load overwrites A and B next: no need to draw A or zero B
-            bound = math.sqrt(3.0) * (_KAIMING_GAIN / math.sqrt(in_features))
-            with torch.no_grad():  # peft's init (kaiming_uniform_, a=√5), so parity tests can share weights
-                self.lora_A.uniform_(-bound, bound)
+            with torch.no_grad():  # peft's reset_lora_parameters, draw for draw, so parity tests can share weights
+                if init == "gaussian":  # nn.init.normal_(A, std=1 / r)
+                    self.lora_A.normal_(0.0, 1.0 / r)
+                else:  # kaiming_uniform_(A, a=√5)
+                    bound = math.sqrt(3.0) * (_KAIMING_GAIN / math.sqrt(in_features))
+                    self.lora_A.uniform_(-bound, bound)
                 self.lora_B.zero_()
         self.scale = scale
         self.dropout = nn.Dropout(dropout) if dropout > 0 else NO_DROPOUT
@@ -119,16 +169,28 @@ class LoRAUpdate(nn.Module):
         return self.lora_A._version, self.lora_B._version
 
 
+class DoRAUpdate(DoRA, LoRAUpdate):
+    """A LoRA update with a magnitude per output feature (`use_dora=True`); the math is methods/dora.py's."""
+
+
 def apply_low_rank(site: HookSite, module: nn.Module, args: tuple, output: Any, routing: Routing) -> torch.Tensor:
     """Forward hook shared by LoRA and AdaLoRA: add each routed adapter's update on its rows."""
     x = args[0]
+    out = output
+    dora = getattr(site, "dora_names", None)
+    if dora and not dora.isdisjoint(routing.names):
+        # DoRA first: each reads the projection's own output W x + b before anything is added to it (or,
+        # by the in-place paths below, into it); the others then add to the new tensor.
+        for update, rows in site.routed(routing, x.shape[0], x.device):
+            if getattr(update, "dora", False) and not update.merged:
+                out = add_rows(out, lambda r, u=update: u.dora_delta(select_rows(x, r), select_rows(output, r),
+                                                                     module), rows)
     if routing.uniform is None and not torch.is_grad_enabled():
         gathered = gathered_updates(site, routing, x.shape[0], x.device)
         if gathered is not None:
-            return gathered.apply(x, output)
-    out = output
+            return gathered.apply(x, out)
     for update, rows in site.routed(routing, x.shape[0], x.device):
-        if update.merged:
+        if update.merged or (dora and getattr(update, "dora", False)):
             continue
         if rows is None and hasattr(update, "add_to"):
             out = update.add_to(x, out)
@@ -214,7 +276,9 @@ def gathered_updates(site: HookSite, routing: Routing, batch_size: int,
         return cached
     if batch_size % len(routing.rows):
         return None  # the loop raises the routing's own error
-    per_row = [tuple(site.members[n] for n in stack if n in site.members) for stack in routing.rows]
+    dora = getattr(site, "dora_names", ())  # DoRA rows took the exact path already: the others gather
+    per_row = [tuple(site.members[n] for n in stack if n in site.members and n not in dora)
+               for stack in routing.rows]
     members = list(dict.fromkeys(m for stack in per_row for m in stack))
     if len(members) < GATHER_MIN_ADAPTERS or not all(_gatherable(m) for m in members):
         routing.scratch[key] = False
@@ -252,13 +316,16 @@ class LowRankAdapter(Adapter):
 
     def attach(self) -> None:
         for target, update in self.updates():
-            self._hook_sites.append(HookSite.join(target.module, self.HOOK_KEY, apply_low_rank, self.name, update))
+            site = HookSite.join(target.module, self.HOOK_KEY, apply_low_rank, self.name, update)
+            self._hook_sites.append(site)
+            _note_dora(site)
 
     def detach(self) -> None:
         if self._backups:
             self.unmerge()
         for site in self._hook_sites:
             site.leave(self.name)
+            _note_dora(site)
         self._hook_sites.clear()
 
     @torch.no_grad()
@@ -268,8 +335,13 @@ class LowRankAdapter(Adapter):
                 continue
             weight = target.module.weight
             self._backups[target.name] = weight.detach().clone()
-            delta = update.delta_weight().to(weight.dtype)
-            weight += delta.T if isinstance(target.module, Conv1D) else delta
+            conv1d = isinstance(target.module, Conv1D)
+            if getattr(update, "dora", False):  # W' = m / ‖W + s·B A‖_c ⊙ (W + s·B A), from the copy kept for unmerging
+                merged = update.merged_weight(self._backups[target.name].T if conv1d else self._backups[target.name])
+                weight.copy_(merged.T if conv1d else merged)
+            else:
+                delta = update.delta_weight().to(weight.dtype)
+                weight += delta.T if conv1d else delta
             update.merged = True
 
     @torch.no_grad()
@@ -283,6 +355,11 @@ class LowRankAdapter(Adapter):
         """The peft config fields that say where the updates sit (GPT-2's Conv1D stores W transposed)."""
         return dict(target_modules=[target.name for target in self.targets],
                     fan_in_fan_out=any(isinstance(target.module, Conv1D) for target in self.targets))
+
+
+def _note_dora(site: HookSite) -> None:
+    """The site's DoRA members by name, for the hook: a site without DoRA pays one attribute read per call."""
+    site.dora_names = frozenset(n for n, m in site.members.items() if getattr(m, "dora", False))
 
 
 def refuse_peft_options(peft_config: dict[str, Any], checks: dict[str, bool]) -> None:
@@ -321,10 +398,19 @@ class LoRAAdapter(LowRankAdapter):
     config_class = LoRA
 
     peft_types = ("LORA",)
+    # peft's LoRA+ rule is `"lora_B" in name or param.ndim == 1`: B, and DoRA's magnitude vector (1-D)
+    loraplus_b = frozenset({"lora_B", "lora_magnitude"})
+
+    def __init__(self, name: str, config: LoRA, arch: Arch):
+        super().__init__(name, config, arch)
+        if config.use_dora:
+            new_dora_updates([(target.module, update) for target, update in self.updates()])
 
     def make_update(self, in_features: int, out_features: int) -> nn.Module:
         c = self.config
-        return LoRAUpdate(in_features, out_features, c.r, c.scale, c.dropout)
+        if c.use_dora:
+            return DoRAUpdate(in_features, out_features, c.r, c.scale, c.dropout, c.init)
+        return LoRAUpdate(in_features, out_features, c.r, c.scale, c.dropout, c.init)
 
     def to_peft(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         c: LoRA = self.config
@@ -332,7 +418,10 @@ class LoRAAdapter(LowRankAdapter):
         for path, update in self.site_items():
             tensors[f"{path}.lora_A.weight"] = update.lora_A
             tensors[f"{path}.lora_B.weight"] = update.lora_B
+            if c.use_dora:
+                tensors[f"{path}.lora_magnitude_vector"] = update.lora_magnitude
         config = dict(peft_type="LORA", r=c.r, lora_alpha=c.alpha, lora_dropout=c.dropout, use_rslora=c.use_rslora,
+                      use_dora=c.use_dora, init_lora_weights="gaussian" if c.init == "gaussian" else True,
                       **self.peft_targets())
         return config, tensors
 
@@ -340,15 +429,25 @@ class LoRAAdapter(LowRankAdapter):
     def from_peft(cls, peft_config: dict[str, Any], tensors: dict[str, torch.Tensor], arch: Arch
                   ) -> tuple[LoRA, dict[str, torch.Tensor]]:
         c = peft_config
-        refuse_peft_options(c, {"DoRA": bool(c.get("use_dora")),
-                                f"bias={c.get('bias')!r}": c.get("bias", "none") != "none",
+        refuse_peft_options(c, {f"bias={c.get('bias')!r}": c.get("bias", "none") != "none",
                                 "modules_to_save": bool(c.get("modules_to_save")),
                                 "per-module alpha (alpha_pattern)": bool(c.get("alpha_pattern"))})
-        targets, ours = peft_low_rank_tensors(arch, tensors, {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"})
+        use_dora = bool(c.get("use_dora", False))
+        # True / False / "gaussian" / "eva" / "orthogonal" …: only A's starting draw, kept where adaptkit has it;
+        # PiSSA, OLoRA, CorDA, LoftQ files need their rewritten backbone: check_init refuses them.
+        peft_init = c.get("init_lora_weights", True)
+        if isinstance(peft_init, str) and peft_init.lower().startswith(RESIDUAL_INITS):
+            check_init(peft_init)
+        init = "gaussian" if peft_init == "gaussian" else "default"
+        suffixes = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B"}
+        if use_dora:
+            suffixes[".lora_magnitude_vector"] = "lora_magnitude"
+        targets, ours = peft_low_rank_tensors(arch, tensors, suffixes)
         ranks = {t.shape[0] for k, t in ours.items() if k.endswith(".lora_A")}
         if len(ranks) != 1:
             raise AdapterError(f"the peft LoRA adapter has per-module ranks {sorted(ranks)}; "
                                "adaptkit LoRA has one rank")
         lora = LoRA(r=ranks.pop(), alpha=float(c.get("lora_alpha", 8)), dropout=float(c.get("lora_dropout", 0)),
-                    targets=targets, use_rslora=bool(c.get("use_rslora", False)))
+                    targets=targets, use_rslora=bool(c.get("use_rslora", False)), use_dora=use_dora,
+                    init=init)
         return lora, ours

@@ -72,6 +72,11 @@ class TrainConfig:
     max_steps: int | None = option(None, help="optimizer steps; overrides epochs")
     lr: float = option(2e-4, help="peak learning rate")
     weight_decay: float = option(0.0, help="AdamW weight decay of matrices (never of biases and norms)")
+    loraplus_lr_ratio: float | None = option(
+        None, help="LoRA+ (Hayou et al. 2024): the B factors (LoRA/DoRA lora_B, AdaLoRA's P) and, as peft's "
+                   "create_loraplus_optimizer does, 1-D parameters (DoRA's magnitude, head biases) train at "
+                   "lr × this ratio, the rest at lr; e.g. 16. Families without a B factor (prefix, bottleneck) "
+                   "refuse it")
     warmup_steps: int = option(0, help="optimizer steps of linear warm-up to the peak rate")
     schedule: Literal["linear", "cosine", "constant"] = option("linear", help="learning-rate decay after warm-up")
     max_grad_norm: float | None = option(1.0, help="clip the gradient norm to this (none: no clipping)")
@@ -128,6 +133,13 @@ class TrainConfig:
             raise ValueError("reverse and synthetic are for text pairs; task=classify trains on {text, label} rows")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("batch_size and grad_accum must be at least 1")
+        if self.loraplus_lr_ratio is not None:
+            if not self.loraplus_lr_ratio > 0:
+                raise ValueError(f"loraplus_lr_ratio multiplies B's learning rate; it must be positive, got "
+                                 f"{self.loraplus_lr_ratio}")
+            if self.full:
+                raise ValueError("loraplus_lr_ratio sets the learning rate of LoRA's B factors; full fine-tuning "
+                                 "has none")
         if self.quantize is not None and self.full:
             raise ValueError("full fine-tuning updates the backbone's weights, which quantize= would freeze in int8 / "
                              "nf4: drop quantize for full=True, or train an adapter over the quantised backbone")

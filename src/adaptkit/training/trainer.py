@@ -108,6 +108,39 @@ def _cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (has_accelerator or torch.cuda.is_available())
 
 
+def check_loraplus(adapter_class: type) -> None:
+    if not adapter_class.loraplus_b:
+        raise ValueError(f"loraplus_lr_ratio raises the learning rate of LoRA's B factor; the "
+                         f"{adapter_class.method or adapter_class.__name__} family has none (LoRA+ applies to "
+                         "lora, DoRA and adalora adapters): leave loraplus_lr_ratio unset")
+
+
+def param_groups(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig,
+                 adapter: Any = None) -> list[dict[str, Any]]:
+    """AdamW's groups: matrices with weight decay, vectors without, at lr. With LoRA+ (`loraplus_lr_ratio`)
+    the adapter's B side takes two more groups at lr × ratio, grouped as peft's create_loraplus_optimizer:
+    the family's `loraplus_b` parameters (lora_B, DoRA's magnitude, AdaLoRA's P) and the head's 1-D ones
+    (peft's `param.ndim == 1` rule); its embedding group never fills (adaptkit's LoRA adapts linears only).
+    The schedule scales every group's lr alike, so the ratio holds throughout; the first group is at lr."""
+    def group(params: list, lr: float, decay: bool) -> dict[str, Any]:
+        return {"params": [p for p in params if (p.dim() >= 2) == decay], "lr": lr,
+                "weight_decay": cfg.weight_decay if decay else 0.0}
+
+    ratio = cfg.loraplus_lr_ratio
+    if ratio is None or adapter is None:
+        params = [p for _, p in named]
+        return [group(params, cfg.lr, True), group(params, cfg.lr, False)]
+    check_loraplus(type(adapter))
+
+    def fast(name: str, p: torch.nn.Parameter) -> bool:
+        return p.dim() == 1 if name.startswith("head.") else name.rsplit(".", 1)[-1] in adapter.loraplus_b
+
+    base = [p for n, p in named if not fast(n, p)]
+    b_side = [p for n, p in named if fast(n, p)]
+    return [group(base, cfg.lr, True), group(base, cfg.lr, False),
+            group(b_side, cfg.lr * ratio, True), group(b_side, cfg.lr * ratio, False)]
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Linear warmup to the peak, then linear or cosine decay to zero (or constant)."""
     if step < warmup:
@@ -238,6 +271,9 @@ class Recipe:
             self.route = None
             named = list(model.model.named_parameters())
         else:
+            if cfg.loraplus_lr_ratio is not None:  # before the bank or any parameter changes
+                check_loraplus(type(model.get_adapter(cfg.adapter)) if cfg.adapter in model.adapters else
+                               adapter_class_for(adapter_config.method if adapter_config else cfg.method))
             if cfg.adapter not in model.adapters:  # routing keys as in its file: Translator / Generator find it
                 model.add_adapter(cfg.adapter, adapter_config or adapter_class_for(cfg.method).config_class
                                   .from_dict(cfg.adapter_options), task=cfg.task, src_lang=cfg.src_lang,
@@ -252,10 +288,8 @@ class Recipe:
         self.params = [p for _, p in named]
         self.slice_head = cfg.slice_head and can_slice_head(model)
 
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+        optimizer = torch.optim.AdamW(param_groups(named, cfg, None if cfg.full else model.get_adapter(cfg.adapter)),
+                                      lr=cfg.lr)
         # Not prepared by accelerate: its scheduler wrapper steps once per process.
         self.wrapped, self.optimizer, self.loader = self.accelerator.prepare(model, optimizer, loader)
         per_epoch = math.ceil(len(self.loader) / cfg.grad_accum)
