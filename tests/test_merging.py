@@ -11,7 +11,6 @@ room. `factor_bound` is that sum: a wrong scale, a dropped rank or a cross term 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import math
 
@@ -316,7 +315,7 @@ def test_what_cannot_be_merged_is_refused():
 
 
 def test_an_update_with_parameters_it_does_not_know_is_refused_not_ignored():
-    """DoRA's magnitude, a bias, any later variant: refused by name rather than merged without it."""
+    """A magnitude on an update that is not DoRA, a bias, any later variant: refused by name, not merged without it."""
     model = inputs_model()
     update = next(u for _, u in model.get_adapter("b").site_items())
     update.register_parameter("lora_magnitude", torch.nn.Parameter(torch.ones(update.lora_B.shape[0])))
@@ -324,14 +323,126 @@ def test_an_update_with_parameters_it_does_not_know_is_refused_not_ignored():
         ak.merge_adapters(model, {"a": 1.0, "b": 1.0}, out="m")
 
 
-def test_dora_is_refused_until_it_has_a_merge_rule():
-    if "use_dora" not in {f.name for f in dataclasses.fields(ak.LoRA)}:
-        pytest.skip("this adaptkit has no DoRA")
+# -- DoRA inputs: the exact rule of "linear" / "cat" -------------------------------------------------------
+
+def dora_model() -> ak.AdaptedModel:
+    """Two DoRA adapters (one rsLoRA) and a plain LoRA on overlapping modules, seeded random A and B, magnitudes
+    ‖W + s·B A‖_c times a seeded factor in [0.5, 1.5] (so g ≠ 1, and G stays away from 0 at the test weights)."""
     model = ak.AdaptedModel(tiny_model("llama"))
-    model.add_adapter("a", ak.LoRA(r=2))
-    model.add_adapter("d", ak.LoRA(r=2, use_dora=True))
-    with pytest.raises(ak.AdapterError, match="does not merge DoRA"):
-        ak.merge_adapters(model, {"a": 0.5, "d": 0.5}, out="m")
+    with_random_adapters(model, {
+        "d": ak.LoRA(r=4, alpha=8, targets="attention", use_dora=True),
+        "e": ak.LoRA(r=2, alpha=4, targets=("q", "v", "ffn_out"), use_dora=True, use_rslora=True),
+        "l": ak.LoRA(r=3, alpha=3, targets=("k", "v", "ffn_gate")),
+    }, seed=5, scale=0.5)
+    generator = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name in ("d", "e"):
+            adapter = model.get_adapter(name)
+            for target, u in adapter.updates():
+                norm = (target.module.weight.double() + u.scale * (u.lora_B.double() @ u.lora_A.double())).norm(dim=1)
+                u.lora_magnitude.copy_(norm * (0.5 + torch.rand(norm.shape, generator=generator, dtype=torch.float64)))
+    return model
+
+
+@torch.no_grad()
+def full_changes(model: ak.AdaptedModel, name: str) -> dict[str, torch.Tensor]:
+    """module path → W'_i − W (float64) of one input, from the DoRA / LoRA formulas."""
+    adapter = model.get_adapter(name)
+    changes = {}
+    for target, u in adapter.updates():
+        weight = target.module.weight.double()
+        low_rank = adapter.config.scale * (u.lora_B.double() @ u.lora_A.double())
+        if adapter.config.use_dora:
+            directed = weight + low_rank
+            changes[target.name] = (u.lora_magnitude.double() / directed.norm(dim=1))[:, None] * directed - weight
+        else:
+            changes[target.name] = low_rank
+    return changes
+
+
+DORA_CASES = [("linear", {"d": 0.7, "e": -0.4}), ("cat", {"d": 0.6, "e": 0.5}), ("linear", {"d": 0.8, "l": 0.5}),
+              ("cat", {"e": -0.3, "l": 1.2, "d": 0.4})]
+
+
+@pytest.mark.parametrize(("method", "weights"), DORA_CASES, ids=[f"{m}-{'+'.join(w)}" for m, w in DORA_CASES])
+def test_dora_merge_gives_the_logits_of_the_weighted_sum_of_full_changes(method, weights, float64):
+    """The merged DoRA adapter's forward equals a hook-free backbone with weights W + Σ w_i (W'_i − W): in
+    float64 (the fixture) both are the same function up to rounding, numerics.py's bound."""
+    model = dora_model()
+    ak.merge_adapters(model, weights, method, out="m")
+    merged = model.get_adapter("m")
+    c = merged.config
+    assert c.use_dora and c.scale == 1.0 and not c.use_rslora
+    union = {p for n in weights for p, _ in model.get_adapter(n).site_items()}
+    assert set(c.targets) == union
+    sites = {n: {p for p, _ in model.get_adapter(n).site_items()} for n in weights}
+    assert c.r == max(sum(model.get_adapter(n).config.r for n in weights if p in sites[n]) for p in union)  # Σ r_i
+    info = model.adapter_metadata("m")["merge"]
+    assert [i["use_dora"] for i in info["inputs"]] == [model.get_adapter(n).config.use_dora for n in weights]
+
+    batch = tiny_batch("llama")
+    with torch.no_grad():
+        logits = model(**batch, adapter="m").logits
+        bare = model(**batch, adapter=None).logits
+    reference = tiny_model("llama")
+    modules = dict(reference.named_modules())
+    changes = {n: full_changes(model, n) for n in weights}
+    with torch.no_grad():
+        for path in union:
+            modules[path].weight += sum(w * changes[n][path] for n, w in weights.items() if path in changes[n])
+        expected = reference(**batch).logits
+    assert_close_to_rounding(logits, expected, depth_of(model), f"{method} {weights}: merged vs W + Σ w (W' − W)")
+    assert (logits - bare).abs().max() > 1e-3 * bare.abs().max()
+
+    # merged into the backbone and back: the adapter's logits, then the backbone bit for bit
+    before = {k: v.clone() for k, v in model.model.state_dict().items()}
+    model.merge_adapter("m")
+    with torch.no_grad():
+        assert_close_to_rounding(model(**batch, adapter=None).logits, logits, depth_of(model), "merged into W")
+    model.unmerge_adapter()
+    after = model.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dora_merge_in_float32_matches_the_float64_rule():
+    """In float32 the magnitude and factors are computed in float64 and rounded once: m is the float64
+    G ⊙ ‖W + B A‖_c (from the stored factors' float64 values) up to its own rounding and the factors' (2u + u²)."""
+    model = dora_model()
+    weights = {"d": 0.7, "e": -0.4, "l": 0.5}
+    ak.merge_adapters(model, weights, "linear", out="m")
+    changes = {n: full_changes(model, n) for n in weights}
+    u = torch.finfo(torch.float32).eps / 2
+    for target, update in model.get_adapter("m").updates():
+        assert update.lora_magnitude.dtype == torch.float32
+        weight = target.module.weight.double()
+        total = weight + sum(w * changes[n][target.name] for n, w in weights.items() if target.name in changes[n])
+        B, A = update.lora_B.double(), update.lora_A.double()
+        g = update.lora_magnitude.double() / (weight + B @ A).norm(dim=1)
+        merged = g[:, None] * (weight + B @ A)
+        # m and B A each off by O(u) of themselves: W' off by a few u of |G| (|W| + |B| |A|), row by row
+        bound = 8 * u * g.abs()[:, None] * (weight.abs() + B.abs() @ A.abs()).max(dim=1, keepdim=True).values
+        assert ((merged - total).abs() <= bound).all(), target.name
+
+
+def test_dora_refusals():
+    model = dora_model()
+    for method, options in (("svd", {}), ("ties", {"density": 0.5}), ("dare_linear", {"density": 0.5}),
+                            ("dare_ties", {"density": 0.5})):
+        with pytest.raises(ak.AdapterError, match="does not merge DoRA adapters.*not one"):
+            ak.merge_adapters(model, {"d": 0.5, "l": 0.5}, method, out="m", **options)
+    # G = 1 + Σ w (g − 1) = 0 on every row: w = 1 / (1 − g) for a single input with g constant per row
+    adapter = model.get_adapter("d")
+    with torch.no_grad():
+        for target, u in adapter.updates():
+            norm = (target.module.weight.double() + u.scale * (u.lora_B.double() @ u.lora_A.double())).norm(dim=1)
+            u.lora_magnitude.copy_(norm * 0.5)  # g = 0.5 (to float32 rounding): G = 1 + w (g − 1) = 0 at w = 2
+    with pytest.raises(ak.AdapterError, match=r"\|G\| < 1e-06"):
+        ak.merge_adapters(model, {"d": 2.0}, out="m")
+    model.merge_adapter("l")
+    with pytest.raises(ak.AdapterError, match="reads the backbone's own W: unmerge_adapter"):
+        ak.merge_adapters(model, {"e": 1.0}, out="m")
+    model.unmerge_adapter()
+    assert "m" not in model.adapters
 
 
 # -- peft's add_weighted_adapter on the same rsLoRA adapters ---------------------------------------------------

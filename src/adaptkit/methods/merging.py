@@ -1,6 +1,6 @@
 """Weighted merges of LoRA-family adapters into one new LoRA adapter: `ak.merge_adapters`.
 
-    model.add_adapter(...)  # or load_adapter: the inputs, LoRA (plain or rsLoRA, any ranks) or AdaLoRA
+    model.add_adapter(...)  # or load_adapter: the inputs, LoRA (plain, rsLoRA or DoRA, any ranks) or AdaLoRA
     ak.merge_adapters(model, {"help": 0.6, "ui": 0.4}, method="ties", density=0.3, out="help+ui")
     model.save_adapter("help+ui", "help+ui.safetensors")   # one file; its header says what was merged
 
@@ -42,24 +42,41 @@ keep mask of input `name` on module `path` is `torch.rand(out, in, dtype=float64
 density` with `g` seeded by the first 8 bytes (little-endian, top bit cleared) of
 sha256(f"{seed}\\0{name}\\0{path}"), so adding an input or a module never redraws another's mask.
 
-The result is a new adapter in the bank, a plain LoRA: r = the largest stored rank over the modules
-(modules of lower rank padded with zero factors, which add nothing), alpha = r and use_rslora False,
-so its scaling is exactly 1 and the factors carry every scale. It targets the union of the inputs'
-modules. It routes, saves, loads, exports to peft and merges into the backbone like any LoRA. Its
+DoRA inputs (`use_dora=True`; methods/dora.py), "linear" and "cat" only. A DoRA input's whole change of W is
+
+    ΔF_i = W'_i − W = (g_i − 1) ⊙ W + g_i ⊙ s_i B_i A_i      g_i = m_i / ‖W + s_i B_i A_i‖_c, per output row
+
+(a LoRA or AdaLoRA input: g_i = 1, ΔF_i = ΔW_i). With G = 1 + Σ w_i (g_i − 1), per output row,
+
+    W + Σ w_i ΔF_i = G ⊙ (W + Σ (w_i g_i / G) ⊙ s_i B_i A_i)
+
+exactly: a DoRA adapter whose direction update B A is the inputs' factors side by side as above, each B_i's
+rows scaled by g_i / G ("linear": B_i · sqrt(|w_i s_i|) · g_i / G; "cat": B_i · g_i / G), rank Σ r_i, scaling
+1, and magnitude m = G ⊙ ‖W + B A‖_c. g_i, G and m are computed in float64 from the backbone's own W (so
+merge_adapters refuses while an adapter is merged into it) and stored in the inputs' dtype. Where some
+|G| < 1e-6 the row is no longer G times a direction the factors can carry (they would hold 1/G): refused.
+When any input is DoRA the result is DoRA (use_dora=True) on every module it targets (G = 1 where no DoRA
+input adapts it). "svd", "ties" and "dare_*" refuse DoRA inputs: their truncation, trimming and drops act on
+a low-rank task vector, and DoRA's ΔF_i is not one ((g_i − 1) ⊙ W is full rank); applied to the directions
+alone, with the magnitude recomputed, they would no longer approximate Σ w_i ΔF_i in any stated sense.
+
+The result is a new adapter in the bank, a plain LoRA (DoRA when an input is DoRA, above): r = the largest
+stored rank over the modules (modules of lower rank padded with zero factors, which add nothing), alpha = r
+and use_rslora False, so its scaling is exactly 1 and the factors carry every scale. It targets the union
+of the inputs' modules. It routes, saves, loads, exports to peft and merges into the backbone like any LoRA. Its
 factors are computed in float64 and stored in the inputs' dtype: in float32 each stored product
 B[o, k] A[k, i] is off by at most 2u + u² of itself (u = 2⁻²⁴), which bounds |ΔW_stored − ΔW| by
 (2u + u²) · (|B| |A|) entrywise (tests/test_merging.py checks exactly that against float64).
 
 Its metadata (written to the file as `adaptkit.merge`, JSON; core/adapterfile.py) records the
 provenance: the method, density, majority_sign, seed, requested and stored rank, the truncation
-error, and per input its name, weight, family, config and the sha256 of the file it was loaded from
-(null when it was made in memory). Routing keys (task, src_lang, tgt_lang, domain) are the inputs'
+error, and per input its name, weight, family, use_dora, config and the sha256 of the file it was loaded
+from (null when it was made in memory). Routing keys (task, src_lang, tgt_lang, domain) are the inputs'
 where every input has the same value, absent otherwise, unless given.
 
 Refused, with a message: other families (prefix, bottleneck: their updates do not add up as
-matrices), inputs with a task head, and DoRA (a DoRA update is m ⊙ (W + ΔW) / ‖W + ΔW‖, not a sum
-of low-rank terms; until a documented rule for merging directions and magnitudes is implemented,
-merge_adapters refuses it rather than dropping the magnitude). Any LoRA or AdaLoRA update that
+matrices), inputs with a task head, DoRA inputs to "svd", "ties" and "dare_*", and DoRA inputs while
+an adapter is merged into the backbone (above). Any LoRA or AdaLoRA update that
 carries a parameter this module does not know is refused the same way, so a variant added later is
 never merged by silently ignoring its extra parameter.
 
@@ -86,6 +103,7 @@ from adaptkit.core.adapterfile import ROUTING_KEYS
 from adaptkit.core.errors import AdapterError
 from adaptkit.methods.adalora import AdaLoRAAdapter
 from adaptkit.methods.base import Adapter
+from adaptkit.methods.dora import dense_weight
 from adaptkit.methods.lora import LoRA, LoRAAdapter
 
 if TYPE_CHECKING:
@@ -97,6 +115,9 @@ _SIGN_METHODS = ("ties", "dare_ties")
 _SVD_METHODS = ("svd", *_DENSITY_METHODS)
 # The parameters each family's update holds; anything more (DoRA's magnitude, a bias) is refused, not ignored.
 _KNOWN_PARAMETERS = {LoRAAdapter: {"lora_A", "lora_B"}, AdaLoRAAdapter: {"P", "Lambda", "Q"}}
+_DORA_PARAMETERS = {"lora_magnitude"}  # known only on an update that is DoRA (update.dora)
+_DORA_METHODS = ("linear", "cat")
+_MIN_G = 1e-6  # |G| below this: refused (module docstring)
 
 
 @dataclass(frozen=True)
@@ -106,6 +127,8 @@ class LowRankTerm:
     B: torch.Tensor  # (out × r)
     A: torch.Tensor  # (r × in)
     scale: float
+    # DoRA: g = m / ‖W + scale · B A‖_c (out), its whole change of W being (g − 1) ⊙ W + g ⊙ scale · B A
+    row_factor: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -122,25 +145,27 @@ def low_rank_terms(adapter: Adapter) -> dict[str, LowRankTerm]:
         raise AdapterError(
             f"merge_adapters merges LoRA-family adapters (lora, adalora); {adapter.name!r} is a {adapter.method} "
             "adapter, whose update is not a matrix added to a weight, so no weighted sum of it is defined")
-    if getattr(adapter.config, "use_dora", False):
-        raise AdapterError(
-            f"merge_adapters does not merge DoRA adapters yet ({adapter.name!r}): a DoRA update is "
-            "m ⊙ (W + ΔW) / ‖W + ΔW‖, not a sum of low-rank terms, and merging it needs its own rule for the "
-            "directions and the magnitude. Merge plain LoRA / AdaLoRA adapters, or merge_adapter() the DoRA "
-            "adapter into the backbone")
     if adapter.head is not None:
         raise AdapterError(f"adapter {adapter.name!r} carries a task head ({type(adapter.head).__name__}); "
                            "merge_adapters merges weight updates only and would silently drop the head")
     terms = {}
+    modules = {target.name: target.module for target in adapter.targets}
     with torch.no_grad():
         for path, update in adapter.site_items():
-            extra = sorted({n for n, _ in update.named_parameters()} - _KNOWN_PARAMETERS[family])
+            dora = getattr(update, "dora", False)
+            known = _KNOWN_PARAMETERS[family] | (_DORA_PARAMETERS if dora else set())
+            extra = sorted({n for n, _ in update.named_parameters()} - known)
             if extra:
                 raise AdapterError(f"adapter {adapter.name!r} ({adapter.method}) has parameters {extra} on {path}, "
                                    "which merge_adapters does not know how to merge; it refuses rather than "
                                    "ignoring them")
             if family is LoRAAdapter:
-                terms[path] = LowRankTerm(_f64(update.lora_B), _f64(update.lora_A), float(update.scale))
+                B, A, scale = _f64(update.lora_B), _f64(update.lora_A), float(update.scale)
+                factor = None
+                if dora:  # g = m / ‖W + s·B A‖_c, in float64 from the backbone's W
+                    weight = _f64(dense_weight(modules[path]))
+                    factor = _f64(update.lora_magnitude) / torch.linalg.norm(weight + scale * (B @ A), dim=1)
+                terms[path] = LowRankTerm(B, A, scale, factor)
             else:
                 # The kept triplets only, whatever Λ holds at pruned ranks (an optimizer step may have revived
                 # one): the file holds these, and once the pattern is fixed the forward uses only these.
@@ -178,6 +203,15 @@ def merge_adapters(model: AdaptedModel, weights: Mapping[str, float], method: st
     token = model.pin(names)  # no other thread may remove or evict an input while its factors are read
     try:
         adapters = [model.get_adapter(name) for name in names]
+        dora = [n for n, a in zip(names, adapters) if getattr(a.config, "use_dora", False)]
+        if dora and method not in _DORA_METHODS:
+            raise AdapterError(
+                f"method {method!r} does not merge DoRA adapters ({', '.join(map(repr, dora))}): its truncation, "
+                "trimming or drops act on a low-rank task vector, and a DoRA adapter's change of W, "
+                "(g − 1) ⊙ W + g ⊙ s·B A, is not one. Use 'linear' or 'cat' (exact for DoRA)")
+        if dora and model.merged_adapter is not None:
+            raise AdapterError(f"{model.merged_adapter!r} is merged into the backbone, and merging DoRA adapters "
+                               f"({', '.join(map(repr, dora))}) reads the backbone's own W: unmerge_adapter() first")
         terms = [low_rank_terms(adapter) for adapter in adapters]
         metadata = [model.adapter_metadata(name) for name in names]
         versions = [model.adapter_version(name) for name in names]
@@ -186,9 +220,16 @@ def merge_adapters(model: AdaptedModel, weights: Mapping[str, float], method: st
     order = [site.name for site in model.arch.linears]
     paths = [p for p in order if any(p in t for t in terms)]  # the union, in backbone order
     dropped_sq = total_sq = 0.0  # what the SVD step cut, over all modules (linear and cat cut nothing)
+    magnitudes = {}
     if method in ("linear", "cat"):
-        factors = {p: _concatenated(method, [(t[p], w) for t, w in zip(terms, weight_values) if p in t])
-                   for p in paths}
+        factors = {}
+        modules = {site.name: site.module for site in model.arch.linears}
+        for p in paths:
+            parts = [(t[p], w) for t, w in zip(terms, weight_values) if p in t]
+            if not dora:
+                factors[p] = _concatenated(method, parts)
+                continue
+            factors[p], magnitudes[p] = _dora_concatenated(method, p, parts, _f64(dense_weight(modules[p])))
     else:
         k = rank if rank is not None else (max(t.rank for ts in terms for t in ts.values()) if method == "svd"
                                           else None)
@@ -205,10 +246,13 @@ def merge_adapters(model: AdaptedModel, weights: Mapping[str, float], method: st
         pad = stored_rank - A.shape[0]  # zero ranks add nothing: one rank for the whole adapter, as LoRA has
         tensors[f"{p}.lora_A"] = torch.nn.functional.pad(A, (0, 0, 0, pad)).to(dtype)
         tensors[f"{p}.lora_B"] = torch.nn.functional.pad(B, (0, pad)).to(dtype)
+        if dora:
+            tensors[f"{p}.lora_magnitude"] = magnitudes[p].to(dtype)
     provenance = {
         "method": method,
-        "inputs": [{"name": n, "weight": w, "method": a.method, "config": a.config_for_file().to_dict(),
-                    "sha256": v} for n, w, a, v in zip(names, weight_values, adapters, versions)],
+        "inputs": [{"name": n, "weight": w, "method": a.method, "use_dora": n in dora,
+                    "config": a.config_for_file().to_dict(), "sha256": v}
+                   for n, w, a, v in zip(names, weight_values, adapters, versions)],
         "density": density,
         "majority_sign": (majority_sign or "total") if method in _SIGN_METHODS else None,
         "seed": seed if method.startswith("dare") else None,
@@ -218,7 +262,8 @@ def merge_adapters(model: AdaptedModel, weights: Mapping[str, float], method: st
     }
     keys = _routing_keys(metadata, dict(task=task, src_lang=src_lang, tgt_lang=tgt_lang, domain=domain))
     # alpha = r: scaling exactly 1 (r / r), the factors carry every scale; never rsLoRA (that would be sqrt(r))
-    config = LoRA(r=stored_rank, alpha=float(stored_rank), dropout=0.0, targets=tuple(paths), use_rslora=False)
+    config = LoRA(r=stored_rank, alpha=float(stored_rank), dropout=0.0, targets=tuple(paths), use_rslora=False,
+                  use_dora=bool(dora))
     adapter = model.add_adapter(out, config, merge={k: v for k, v in provenance.items() if v is not None}, **keys)
     try:
         adapter.load_adapter_state_dict(tensors)
@@ -267,20 +312,41 @@ def _check_options(method: str, density: float | None, majority_sign: str | None
         raise AdapterError(f"seed must be an integer, got {seed!r}")
 
 
-def _concatenated(method: str, parts: list[tuple[LowRankTerm, float]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) with B A = Σ w s B_i A_i exactly: the inputs' factors side by side along the rank."""
+def _concatenated(method: str, parts: list[tuple[LowRankTerm, float]],
+                  row_scales: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) with B A = Σ w s diag(row_scale_i) B_i A_i exactly (row_scale_i = 1 without row_scales): the inputs'
+    factors side by side along the rank."""
     Bs, As = [], []
-    for term, weight in parts:
+    for i, (term, weight) in enumerate(parts):
         c = weight * term.scale
+        B = term.B if row_scales is None else row_scales[i][:, None] * term.B
         if method == "linear":
             # sqrt on both sides keeps B and A of comparable size; the sign goes on one side only
             root = math.sqrt(abs(c))
-            Bs.append(root * term.B)
+            Bs.append(root * B)
             As.append(math.copysign(root, c) * term.A)
         else:  # peft's cat: the whole weight and scale on A
-            Bs.append(term.B)
+            Bs.append(B)
             As.append(c * term.A)
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
+
+
+def _dora_concatenated(method: str, path: str, parts: list[tuple[LowRankTerm, float]], weight: torch.Tensor
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((B, A), m) of the DoRA merge on one module (module docstring), W = `weight` (out × in, float64):
+    G = 1 + Σ w_i (g_i − 1), B A = Σ (w_i g_i / G) ⊙ s_i B_i A_i, m = G ⊙ ‖W + B A‖_c."""
+    ones = torch.ones(weight.shape[0], dtype=torch.float64)
+    factors = [ones if term.row_factor is None else term.row_factor for term, _ in parts]
+    G = 1 + sum(w * (g - 1) for (_, w), g in zip(parts, factors))
+    small = G.abs() < _MIN_G
+    if small.any():
+        rows = small.nonzero().view(-1)[:5].tolist()
+        raise AdapterError(f"merging these DoRA adapters leaves {path} rows {rows}{'…' if small.sum() > 5 else ''} "
+                           f"with G = 1 + Σ w_i (g_i − 1) = {G[rows[0]].item():.3g} (|G| < {_MIN_G}): the merged "
+                           "weight there is not G times a direction the factors can carry (they would hold 1/G). "
+                           "Change the weights")
+    B, A = _concatenated(method, parts, [g / G for g in factors])
+    return (B, A), G * torch.linalg.norm(weight + B @ A, dim=1)
 
 
 def _combined(method: str, path: str, names: list[str], terms: list[LowRankTerm | None], weights: list[float],
