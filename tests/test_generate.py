@@ -24,7 +24,7 @@ from adaptkit.evaluation.generation import dialogue_metrics, distinct_n, evaluat
 from adaptkit.evaluation.scoring import translation_metrics
 from adaptkit.tasks.generate import Generator, Tidier, tidy
 from adaptkit.training.config import TrainConfig
-from tiny import VOCAB, tiny_model
+from tiny import STANDALONE_METHODS, VOCAB, tiny_model
 
 WORDS = (["<pad>", "<s>", "</s>", "<unk>"] + [f"a{i}" for i in range(30)] + [f"b{i}" for i in range(30)]
          + ["Translate", "English", "to", "German", ":", "Rewrite", "in", "modern", "Modern", "User", "Assistant"])
@@ -85,7 +85,7 @@ TEXTS = ["a1 a2 a3", "a4 a5", "a6 a7 a8 a9 a10", "a11"]
 # -- each family trains and generates, for both tasks -------------------------------------------
 
 @pytest.mark.parametrize("task", ["style", "dialogue"])
-@pytest.mark.parametrize("method", sorted(ak.METHODS))
+@pytest.mark.parametrize("method", STANDALONE_METHODS)
 def test_every_family_trains_and_generates(method, task, tmp_path):
     model, dev = tiny(), rows(task, 8, 1)
     prompt = PromptFormat.for_task(task)

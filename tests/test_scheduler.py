@@ -385,3 +385,29 @@ def test_a_text_past_the_source_limit_is_translated_whole_by_the_service(tmp_pat
                                                                  max_new_tokens=6)
     assert served.json()["translations"] == expected
     assert expected[0] != expected[1]  # the last sentence was translated, not cut away
+
+
+def test_the_loader_never_evicts_a_member_a_loaded_fusion_runs_over(tmp_path):
+    """K=3 holds two bottleneck members and their fusion; a row for a fourth adapter makes room by evicting the
+    fusion (idle), never a member (the bank would refuse, and the loader must not die of it)."""
+    scheduler, model = service(tmp_path, max_resident=3)
+    for name, seed in (("m1", 11), ("m2", 12), ("other", 13)):
+        write_version(model, name, ak.Bottleneck(reduction=4), seed, model.store.path_for(name))
+    model.load_from_store("m1")
+    model.load_from_store("m2")
+    model.add_adapter("fusion", ak.Fusion(adapters=["m1", "m2"]))
+    model.save_adapter("fusion")
+    assert scheduler.residency.victim(wanted=set()) == "fusion"
+
+    async def scenario():
+        job = submit(scheduler, "other", TEXTS[:1])
+        scheduler.start()
+        try:
+            await asyncio.wait_for(job.future, 60)
+            return list(job.versions), list(model.adapters), scheduler.alive
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    versions, resident, alive = asyncio.run(scenario())
+    assert versions == [read_adapter_info(model.store.path_for("other"))["sha256"]]
+    assert sorted(resident) == ["m1", "m2", "other"] and alive

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
+from adaptkit.methods import METHODS
+
 VOCAB = 96
 SMALL = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
@@ -45,6 +47,10 @@ SEQ2SEQ = ["marian", "m2m100", "mbart", "bart", "t5"]
 DECODERS = ["gpt2", "llama", "gemma3"]
 ENCODERS = ["bert"]
 ARCHS = SEQ2SEQ + DECODERS + ENCODERS
+
+
+# Families whose adapters train from nothing; a fusion runs over trained members (tests/test_fusion.py trains one).
+STANDALONE_METHODS = sorted(set(METHODS) - {"fusion"})
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:

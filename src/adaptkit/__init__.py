@@ -13,6 +13,7 @@ from adaptkit.methods import (
     AdapterConfig,
     AdapterError,
     Bottleneck,
+    Fusion,
     LoRA,
     Prefix,
     merge_adapters,
@@ -30,7 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS", "AdaLoRA", "AdaptedModel", "Adapter", "AdapterConfig", "AdapterError", "AdapterStore", "Bottleneck",
-    "Classifier", "Generator", "LoRA", "Prefix",
+    "Classifier", "Fusion", "Generator", "LoRA", "Prefix",
     "TrainConfig", "Translator", "current_routing", "evaluate", "export_peft", "import_peft", "load",
     "merge_adapters", "read_adapter_info", "register_method", "train",
 ]

@@ -126,13 +126,21 @@ class AdaptedModel(nn.Module):
 
     def _insert(self, name: str, adapter: Adapter, metadata: dict[str, Any], version: str | None = None) -> Adapter:
         _check_name(name)
-        self._check_adapts_something(name, adapter)
-        adapter.train(self.training)  # dropout follows the model: off after eval(), as a loaded model is
         with self._lock:
             if name in self._slots:
                 raise AdapterError(f"an adapter named {name!r} is already loaded; "
                                    "remove_adapter it first or choose another name")
-            self._make_room()
+            required = frozenset(adapter.requires())
+            missing = sorted(required - set(self._slots))
+            if missing:
+                raise AdapterError(f"adapter {name!r} ({adapter.method}) runs over {sorted(required)}, and "
+                                   f"{missing} {'is' if len(missing) == 1 else 'are'} not loaded; loaded: "
+                                   f"{self.adapters}. Load them first")
+            adapter.bind({n: self.get_adapter(n) for n in adapter.requires()},
+                         {n: self._versions.get(n) for n in adapter.requires()})
+            self._check_adapts_something(name, adapter)
+            adapter.train(self.training)  # dropout follows the model: off after eval(), as a loaded model is
+            self._make_room(keep=required)
             # An adapter is built on one (the default) device: one tensor tells. `.to()` walks every
             # submodule even when nothing moves: ~5 ms of a 7.6 MB hot-load.
             device = next(self.model.parameters()).device
@@ -170,6 +178,10 @@ class AdaptedModel(nn.Module):
                 raise AdapterError(f"adapter {name!r} is being removed by another thread, which waits for "
                                    f"{self._in_flight(name)}; timed out after {timeout} s")
             self.get_adapter(name)
+            users = [n for n in self._slots if name in self.get_adapter(n).requires()]
+            if users:
+                raise AdapterError(f"cannot remove adapter {name!r}: {users} run{'s' if len(users) == 1 else ''} "
+                                   f"over it (a fusion's member); remove {users} first")
             own = [c for c in self._calls.values() if name in c.names and c.thread_id == threading.get_ident()]
             if own:
                 raise AdapterError(f"cannot remove adapter {name!r} from inside a call that uses it (this thread "
@@ -326,11 +338,13 @@ class AdaptedModel(nn.Module):
             raise AdapterError("this model has no adapter store: pass a file path, or load the model with store=DIR")
         return self.store
 
-    def _make_room(self) -> None:
-        """Evict the least recently used adapters that the store can bring back, beyond max_resident."""
+    def _make_room(self, keep: frozenset[str] = frozenset()) -> None:
+        """Evict the least recently used adapters that the store can bring back, beyond max_resident; never
+        one that `keep` names or a loaded adapter requires (a fusion's members)."""
         if self.max_resident is None:
             return
-        evictable = [n for n in self._slots if self.store is not None and n in self.store
+        keep = keep.union(*(self.get_adapter(n).requires() for n in self._slots))
+        evictable = [n for n in self._slots if self.store is not None and n in self.store and n not in keep
                      and n != self._merged and not self._pins[n] and n not in self._removing]
         while len(self._slots) >= self.max_resident and evictable:
             self.remove_adapter(evictable.pop(0))
@@ -364,7 +378,12 @@ class AdaptedModel(nn.Module):
             missing = sorted(names - set(self._slots))
             if missing:
                 raise AdapterError(f"cannot pin {missing}: not loaded; loaded: {self.adapters}")
-            return self._pin(names)
+            return self._pin(self._with_required(names))
+
+    def _with_required(self, names: frozenset[str]) -> frozenset[str]:
+        """`names` and the adapters they run over (a fusion's members), pinned together."""
+        required = [self.get_adapter(n).requires() for n in names if n in self._slots]
+        return names.union(*required) if any(required) else names
 
     def unpin(self, token: int) -> None:
         with self._lock:
@@ -428,12 +447,13 @@ class AdaptedModel(nn.Module):
         """
         with self._lock:  # resident and pinned in one step: no eviction can slip in between
             routing = self.routing_for(adapter)
-            call = self._pin(routing.names)
+            pinned = self._with_required(routing.names)
+            call = self._pin(pinned)
         try:
             with routing_scope(routing):
                 yield routing
         finally:
-            self._unpin(call, routing.names)
+            self._unpin(call, pinned)
 
     def _scope(self, adapter: Any) -> contextlib.AbstractContextManager:
         if adapter is _UNSET:

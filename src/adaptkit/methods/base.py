@@ -245,6 +245,15 @@ class Adapter(nn.Module):
     def load_training_state(self, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
         """Restore what `training_state()` returned."""
 
+    def requires(self) -> tuple[str, ...]:
+        """Other adapters of the bank this one runs over (a fusion's members): the bank binds them before
+        `attach()`, keeps them resident and pinned with it, and refuses to remove them while it is loaded."""
+        return ()
+
+    def bind(self, members: dict[str, Adapter], versions: dict[str, str | None]) -> None:
+        """Receive the adapters `requires()` names (and their files' checksums, None when built in the bank);
+        called by the bank before `attach()`. Raise AdapterError if they do not fit."""
+
     def regularization_loss(self) -> torch.Tensor | None:
         """A term the bank adds to the training loss when this adapter is routed (AdaLoRA's orthogonality)."""
         return None

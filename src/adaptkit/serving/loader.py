@@ -46,7 +46,6 @@ class Loader:
         self.model, self.catalog, self.residency, self.admission = model, catalog, residency, admission
         self.lock, self.stopping, self.metrics = lock, stopping, metrics
         self.changes: collections.deque[Change] = collections.deque()
-        self.loading: str | None = None
 
     def run_once(self) -> bool:
         """Wait for one change or load and make it; False once the service stops."""
@@ -97,6 +96,17 @@ class Loader:
 
     # -- loads -------------------------------------------------------------------------------------
     def _load(self, name: str) -> None:
+        """Load `name` for the rows waiting for it; whatever goes wrong fails those rows, not the loader."""
+        try:
+            self._try_load(name)
+        except Exception as error:  # noqa: BLE001 — e.g. an eviction the bank refused
+            with self.lock:
+                self.residency.end_drains()
+                self.admission.fail_adapter(name, ApiError(500, "internal_error", f"loading adapter {name!r} "
+                                                           f"failed: {type(error).__name__}: {error}"))
+                self.lock.notify_all()
+
+    def _try_load(self, name: str) -> None:
         entry = self.catalog.refresh_one(name)
         error: ApiError | None = None
         try:
@@ -136,7 +146,6 @@ class Loader:
                     self.residency.unblock(victim)
                     self.residency.forget(victim)
                 self.residency.end_drains()
-                self.loading = name
         started = time.perf_counter()
         try:
             self.model.load_from_store(name)
@@ -145,7 +154,6 @@ class Loader:
                 return ApiError(500, "adapter_broken", f"adapter {name!r} in the store cannot be loaded: {failure}")
         finally:
             with self.lock:
-                self.loading = None
                 self.lock.notify_all()
         if self.metrics is not None:
             self.metrics.load_seconds.observe(time.perf_counter() - started)

@@ -97,10 +97,12 @@ class Residency:
         return capacity is not None and len(self.model.adapters) >= capacity
 
     def victim(self, wanted: set[str]) -> str | None:
-        """An adapter to evict now: idle, from the store (so it can come back), not being changed; first
-        those no waiting row wants, each group least recently used first."""
+        """An adapter to evict now: idle, from the store (so it can come back), not being changed, not a member
+        a loaded fusion runs over; first those no waiting row wants, each group least recently used first."""
+        members = set().union(*(self.model.get_adapter(n).requires() for n in self.model.adapters))  # of fusions
         idle = [name for name in self.model.adapters  # least recently used first
-                if not self.running[name] and self.blocked.get(name) in (None, DRAINING) and name in self.store]
+                if not self.running[name] and self.blocked.get(name) in (None, DRAINING) and name in self.store
+                and name not in members]
         unwanted = [name for name in idle if name not in wanted]
         return (unwanted or idle or [None])[0]
 
