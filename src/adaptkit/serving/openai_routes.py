@@ -33,19 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import os
 import secrets
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from adaptkit.core.adapterfile import read_adapter_info
 from adaptkit.core.bank import AdaptedModel
@@ -53,113 +48,25 @@ from adaptkit.core.errors import AdapterError, SourceTooLong
 from adaptkit.interop.peft import read_peft_dir
 from adaptkit.serving.catalog import AdapterCatalog, AdapterExists, BadAdapterName, Entry, store_path
 from adaptkit.serving.metrics import ServeMetrics
+from adaptkit.serving.openai_schemas import (
+    COMPLETION_MAX_TOKENS,
+    MAX_STOPS,
+    ChatMessage,
+    ChatRequest,
+    CompletionRequest,
+    LoadLora,
+    ModelCard,
+    ModelList,
+    UnloadLora,
+    _Sampling,
+)
+from adaptkit.serving.openai_stream import Answer, stream_answer
 from adaptkit.serving.routes import await_answer
 from adaptkit.serving.scheduler import Scheduler
-from adaptkit.serving.schemas import _Strict
 from adaptkit.serving.settings import ApiError, ServeSettings
 from adaptkit.serving.uploads import scratch_file
-from adaptkit.serving.work import BatchKey, Completion, Job, RequestRow, completion_text
+from adaptkit.serving.work import BatchKey, Completion, Job, RequestRow
 from adaptkit.tasks.generate import TASKS
-
-log = logging.getLogger("adaptkit.serving")
-
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions (chat: --default-max-new-tokens)
-MAX_STOPS = 4  # as OpenAI's API
-_END = object()
-
-
-# -- request bodies ---------------------------------------------------------------------------------
-
-class StreamOptions(_Strict):
-    include_usage: bool = Field(default=False, description="A last chunk with `usage` (and no choices)")
-
-
-class _Sampling(_Strict):
-    """Fields of both routes. Those after `user` are accepted at their neutral values only (clients send them)."""
-
-    model: str = Field(description="An adapter's name in the store, or the backbone's id (GET /v1/models)")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="0: greedy (default 1, as OpenAI's)")
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = Field(default=None, ge=1, description="Choices per prompt")
-    stop: str | list[str] | None = Field(default=None, description=f"Up to {MAX_STOPS} strings; the answer ends "
-                                                                   "before the first one written")
-    seed: int | None = Field(default=None, description="Seeds the sampling of the generate call the rows run in")
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    user: str | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] = Field(description="Used as given (no task template), encoded by the tokenizer")
-    max_tokens: int | None = Field(default=None, ge=1, description=f"Default {COMPLETION_MAX_TOKENS}")
-    logprobs: int | None = None
-    echo: bool | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ContentPart(_Strict):
-    model_config = ConfigDict(extra="allow")  # other part types are refused by name, not as a schema error
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Strict):
-    # clients send back assistant messages as they got them (refusal, annotations, audio: null): ignored
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[Any] | None = None
-
-
-class ChatRequest(_Sampling):
-    messages: list[ChatMessage]
-    max_tokens: int | None = Field(default=None, ge=1, description="Default: --default-max-new-tokens")
-    max_completion_tokens: int | None = Field(default=None, ge=1, description="Same as max_tokens")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-
-
-class LoadLora(_Strict):
-    lora_name: str = Field(description="The name it takes in the store (and as `model`)")
-    lora_path: str = Field(description="An adapter file inside the store or an --adapter-dir; a relative path is "
-                                       "relative to the store")
-    load_inplace: bool = Field(default=False, description="Replace an adapter of that name")
-
-
-class UnloadLora(_Strict):
-    lora_name: str
-    lora_int_id: int | None = None  # vLLM's; names are enough here
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "adaptkit"
-    root: str
-    parent: str | None
-    method: str | None = None
-    task: str | None = None
-    src_lang: str | None = None
-    tgt_lang: str | None = None
-    domain: str | None = None
-    resident: bool
-    error: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
 
 # -- the routes -------------------------------------------------------------------------------------
 
@@ -297,7 +204,7 @@ def add_openai_routes(app: FastAPI, model: AdaptedModel, catalog: AdapterCatalog
                 "model": body.model}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _stream(request, answer, head, chat, include_usage, lambda: submit(answer, route, adapter),
+            return stream_answer(request, answer, head, chat, include_usage, lambda: submit(answer, route, adapter),
                            usage, fingerprint, tokenizer, settings.request_timeout_s, scheduler)
         submit(answer, route, adapter)
         texts = await wait(request, answer)
@@ -459,14 +366,6 @@ def add_openai_routes(app: FastAPI, model: AdaptedModel, catalog: AdapterCatalog
 
 # -- helpers ----------------------------------------------------------------------------------------
 
-class Answer:
-    """One request's rows, and which row answers each choice (n greedy choices share one row)."""
-
-    def __init__(self, job: Job, rows: list[RequestRow], choices: list[int], prompt_tokens: list[int]):
-        self.job, self.rows, self.choices, self.prompt_tokens = job, rows, choices, prompt_tokens
-        self.completions = [row.completion for row in rows if row.completion is not None]
-
-
 def _refuse_unsupported(body: _Sampling) -> None:
     """Fields OpenAI SDKs send at their neutral values pass; any other value is refused by name."""
     neutral: list[tuple[str, bool, str]] = [
@@ -533,124 +432,3 @@ def _scratch_copy(catalog: AdapterCatalog, model: AdaptedModel, source: Path, na
                 out.flush()
                 os.fsync(out.fileno())  # the rename that installs it must not outlive its bytes
         return stack.pop_all(), path
-
-
-def _releasable(text: str, completion: Completion, ended: bool) -> str:
-    """What of the answer so far may be streamed: not a character whose bytes are still coming, and not an ending
-    that may be the start of a stop string (the answer would end before it)."""
-    if ended:
-        return text
-    text = text.rstrip("\ufffd")
-    held = 0
-    for stop in completion.stop:
-        for size in range(min(len(stop) - 1, len(text)), held, -1):
-            if text.endswith(stop[:size]):
-                held = size
-                break
-    return text[:len(text) - held]
-
-
-def _event(data: dict[str, Any] | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _stream(request: Request, answer: Answer, head: dict[str, Any], chat: bool, include_usage: bool,
-            submit: Callable[[], None], usage: Callable[[Answer], dict[str, int]],
-            fingerprint: Callable[[Answer], str | None], tokenizer: Any, timeout_s: float,
-            scheduler: Scheduler) -> StreamingResponse:
-    """OpenAI's server-sent events: a chunk per piece of each choice, a last chunk per choice with its
-    finish_reason, the usage chunk if asked for, then `data: [DONE]`. The pieces join to the answer the same
-    request gets without stream: both are `completion_text` of the same tokens."""
-    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-    job = answer.job
-    for number, completion in enumerate(answer.completions):
-        completion.on_token = lambda token, number=number: _push(loop, queue, (number, token))
-    submit()  # refused here (queue full, not ready) → an error answer, before any event
-
-    def ended(future: asyncio.Future) -> None:  # on the loop, after every token pushed before the answer
-        if not future.cancelled():
-            future.exception()  # read here: a client gone before the end never reads it, and asyncio would log it
-        queue.put_nowait(_END)
-
-    job.future.add_done_callback(ended)
-    chunk_object = "chat.completion.chunk" if chat else "text_completion"
-    by_row: dict[int, list[int]] = {}
-    for index, row in enumerate(answer.choices):
-        by_row.setdefault(row, []).append(index)
-
-    def chunk(indices: Sequence[int], text: str | None, finish: str | None, role: bool = False) -> str:
-        choices = []
-        for index in indices:
-            if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": ""} if role else (
-                    {} if text is None else {"content": text})
-                choices.append({"index": index, "delta": delta, "logprobs": None, "finish_reason": finish})
-            else:
-                choices.append({"index": index, "text": text or "", "logprobs": None, "finish_reason": finish})
-        data = {**head, "object": chunk_object, "system_fingerprint": fingerprint(answer), "choices": choices}
-        if include_usage:
-            data["usage"] = None
-        return _event(data)
-
-    async def events() -> AsyncIterator[str]:
-        tokens: list[list[int]] = [[] for _ in answer.rows]
-        sent = [""] * len(answer.rows)
-        deadline = time.monotonic() + timeout_s
-        try:
-            if chat:  # OpenAI's first chunk: the role, no content yet
-                yield chunk(range(len(answer.choices)), None, None, role=True)
-            while True:
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    error = ApiError(504, "request_timeout", f"the stream did not end within {timeout_s:g} s "
-                                     "(--request-timeout-s)")
-                    yield _event(error.openai_body())
-                    yield _event("[DONE]")
-                    return
-                if item is _END:
-                    break
-                number, token = item
-                completion = answer.completions[number]
-                tokens[number].append(token)
-                text, ended = completion_text(tokenizer, completion, tokens[number])
-                ready = _releasable(text, completion, ended)
-                if ready.startswith(sent[number]) and len(ready) > len(sent[number]):
-                    piece, sent[number] = ready[len(sent[number]):], ready
-                    yield chunk(by_row[number], piece, None)
-                    if await request.is_disconnected():
-                        return
-            if job.future.cancelled() or job.future.exception() is not None:
-                failure = None if job.future.cancelled() else job.future.exception()
-                error = failure if isinstance(failure, ApiError) else ApiError(
-                    500, "generation_failed", f"generating this request's text failed: {failure!r}")
-                yield _event(error.openai_body())
-                yield _event("[DONE]")
-                return
-            texts = job.future.result()
-            for number, completion in enumerate(answer.completions):
-                rest = texts[number][len(sent[number]):] if texts[number].startswith(sent[number]) else ""
-                if not texts[number].startswith(sent[number]):  # a tokenizer whose text changes behind what was sent
-                    log.warning("a streamed answer's pieces do not join to its answer: %r is not a prefix of %r",
-                                sent[number], texts[number])
-                if rest:
-                    yield chunk(by_row[number], rest, None)
-                yield chunk(by_row[number], None, completion.finish_reason)
-            if include_usage:
-                yield _event({**head, "object": chunk_object, "system_fingerprint": fingerprint(answer),
-                              "choices": [], "usage": usage(answer)})
-            yield _event("[DONE]")
-        finally:
-            if not job.ended:  # a client gone: its rows leave the batch at the next step
-                scheduler.cancel(job)
-
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _push(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item: Any) -> None:
-    """From the worker thread, in order; a closed loop (the server stopping) drops it."""
-    try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
-    except RuntimeError:
-        pass
