@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("core", "zoo"),
     ("methods",),
     ("interop",),
-    ("data", "corpora"),
+    ("data", "corpora", "segments"),
     ("generation",),
     ("tasks",),
     ("evaluation",),

@@ -13,7 +13,8 @@ import torch
 import adaptkit as ak
 from adaptkit.core.errors import AdapterError
 from adaptkit.methods.lora import LoRAUpdate
-from adaptkit.training.trainer import TrainConfig, param_groups, train
+from adaptkit.training.optimizer import param_groups
+from adaptkit.training.trainer import TrainConfig, train
 from test_train import FAST, pairs, tiny
 from tiny import tiny_model
 

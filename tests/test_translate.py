@@ -9,7 +9,8 @@ import torch
 import adaptkit as ak
 from adaptkit.core.errors import SourceTooLong
 from adaptkit.core.routing import match_adapter
-from adaptkit.data import PromptFormat, decode_generated, prompt_inputs, split_source
+from adaptkit.data import PromptFormat, decode_generated, prompt_inputs
+from adaptkit.segments import split_source
 from adaptkit.tasks.filerows import RowSettings, parse_line, route_row
 from adaptkit.tasks.translate import Translator
 from test_train import tiny_tokenizer

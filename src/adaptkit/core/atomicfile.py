@@ -62,7 +62,7 @@ def write_atomic_chunks(target: Path, chunks: Iterable[bytes | memoryview]) -> N
             raise
         finally:
             os.close(fd)  # releases the lock
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
     except OSError as error:
         if error.errno == errno.ENAMETOOLONG:
             raise AdapterError(f"cannot write {str(target)[:80]!r}…: a name in that path is too long for the file "
@@ -137,8 +137,8 @@ def _existing_mode(target: Path) -> int | None:
         return None
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable; not every platform or file system can open a directory."""
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in `directory` durable; not every platform or file system can open a directory."""
     try:
         fd = os.open(directory, os.O_RDONLY | _CLOEXEC)
     except OSError:

@@ -349,5 +349,26 @@ def add_rows(base: torch.Tensor, delta_fn: Callable[[torch.Tensor | None], torch
     return base.index_add(0, rows, delta_fn(rows).to(base.dtype))
 
 
+MODULE_INPUT = "<module input>"  # a block that reads the hooked module's own input
+
+
+def block_input(input_key: str | None, output: torch.Tensor, args: tuple, routing: Routing, used: set[str]
+                ) -> torch.Tensor:
+    """What a block at an output hook reads: the running output (None), the hooked module's input (MODULE_INPUT),
+    or an input a pre-hook kept in the call's scratch (its key, noted in `used` so `release_inputs` frees it)."""
+    if input_key is None:
+        return output
+    if input_key == MODULE_INPUT:
+        return args[0]
+    used.add(input_key)
+    return routing.scratch[input_key]
+
+
+def release_inputs(routing: Routing, used: set[str]) -> None:
+    """Free the kept inputs now rather than at the end of a long generate."""
+    for key in used:
+        routing.scratch.pop(key, None)
+
+
 def select_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return x if rows is None else x.index_select(0, rows)

@@ -31,7 +31,7 @@ from adaptkit.core.arch import Arch, LinearSite
 from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import register_method
 from adaptkit.core.routing import Routing
-from adaptkit.methods.base import Adapter, AdapterConfig, HookSite, add_rows, select_rows
+from adaptkit.methods.base import Adapter, AdapterConfig, HookSite, add_rows, block_input, release_inputs, select_rows
 
 PLACEMENTS = ("pfeiffer", "houlsby", "parallel")
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -102,14 +102,9 @@ def apply_bottleneck(site: HookSite, module: nn.Module, args: tuple, output: Any
     out = output
     used: set[str] = set()
     for block, rows in site.routed(routing, out.shape[0], out.device):
-        if block.input_key is None:
-            source = out
-        else:
-            source = routing.scratch[block.input_key]
-            used.add(block.input_key)
+        source = block_input(block.input_key, out, args, routing, used)
         out = add_rows(out, lambda r, b=block, x=source, dtype=out.dtype: b(select_rows(x, r)).to(dtype), rows)
-    for key in used:
-        routing.scratch.pop(key, None)  # free it now rather than at the end of a long generate
+    release_inputs(routing, used)
     return out
 
 

@@ -35,11 +35,19 @@ from adaptkit.core.errors import AdapterError
 from adaptkit.core.registry import adapter_class_for, register_method
 from adaptkit.core.routing import Routing
 from adaptkit.core.safebuild import loading_from_file
-from adaptkit.methods.base import Adapter, AdapterConfig, HookSite, add_rows, select_rows
+from adaptkit.methods.base import (
+    MODULE_INPUT,
+    Adapter,
+    AdapterConfig,
+    HookSite,
+    add_rows,
+    block_input,
+    release_inputs,
+    select_rows,
+)
 from adaptkit.methods.bottleneck import capture_input
 
 FUSABLE = ("bottleneck", "lora")
-MODULE_INPUT = "<module input>"  # a LoRA member reads the projection's input
 
 
 @dataclass
@@ -102,17 +110,10 @@ def apply_fusion(site: HookSite, module: nn.Module, args: tuple, output: Any, ro
     out = output
     used: set[str] = set()
     for layer, rows in site.routed(routing, out.shape[0], out.device):
-        if layer.input_key is None:
-            source = out
-        elif layer.input_key == MODULE_INPUT:
-            source = args[0]
-        else:
-            source = routing.scratch[layer.input_key]
-            used.add(layer.input_key)
+        source = block_input(layer.input_key, out, args, routing, used)
         out = add_rows(out, lambda r, f=layer, h=out, x=source: f(select_rows(h, r), select_rows(x, r)).to(h.dtype),
                        rows)
-    for key in used:
-        routing.scratch.pop(key, None)
+    release_inputs(routing, used)
     return out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptkit.core.adapterfile import AdapterStore, encode_adapter_file, read_adapter_info
-from adaptkit.core.atomicfile import write_atomic_chunks
+from adaptkit.core.atomicfile import fsync_directory, write_atomic_chunks
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError
 from adaptkit.interop.peft import PeftAdapter, adapter_file_from_peft, read_peft_dir
@@ -167,7 +167,7 @@ class AdapterCatalog:
                 raise
             with open(upload, "rb") as source:
                 write_atomic_chunks(target, iter(lambda: source.read(1 << 20), b""))
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         entry = self.refresh_one(name)
         if entry is None:
             raise AdapterError(f"adapter {name!r} was written but cannot be read back from {target}")
@@ -236,19 +236,5 @@ class AdapterCatalog:
         if not path.is_file():
             raise FileNotFoundError(name)
         path.unlink()
-        _fsync_directory(path.parent)
+        fsync_directory(path.parent)
         self.refresh_one(name)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename or unlink durable; not every platform or file system can open a directory."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

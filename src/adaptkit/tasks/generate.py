@@ -39,14 +39,13 @@ from adaptkit.core.routing import match_adapter, per_row, route_by_keys
 from adaptkit.data import (
     TASK_TEMPLATES,
     PromptFormat,
-    Segments,
     Source,
     encode_decoder_example,
     pad_id,
     pad_sequences,
-    split_source,
 )
 from adaptkit.generation.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
+from adaptkit.segments import Segments, split_source
 from adaptkit.tasks.oneline import LineDone, LineDoneWhere, Tidier, tidy
 
 TASKS = tuple(TASK_TEMPLATES)  # translate, style, dialogue

@@ -33,8 +33,9 @@ from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError, SourceTooLong
 from adaptkit.core.routing import match_adapter, per_row, route_by_keys
-from adaptkit.data import PromptFormat, Segments, decode_generated, encode_decoder_example, prompt_inputs, split_source
+from adaptkit.data import PromptFormat, decode_generated, encode_decoder_example, prompt_inputs
 from adaptkit.generation.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
+from adaptkit.segments import Segments, split_source
 from adaptkit.tasks.classify import Classifier
 from adaptkit.tasks.oneline import LineDone, tidy
 
