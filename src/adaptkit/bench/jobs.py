@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from adaptkit.training.config import option
+from adaptkit.training.config import known_options, option
 
 # name → (family, family options); the family also picks the learning rate. Ranks, targets and widths follow the anchors
 # in the literature: LoRA on all linear projections, Houlsby / Pfeiffer at reduction 16, 16 prefix tokens.
@@ -84,10 +84,7 @@ class BenchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BenchConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(data) - known):
-            raise ValueError(f"unknown bench option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**known_options(cls, data, "bench"))
 
 
 def quick_config(**overrides: Any) -> BenchConfig:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 # Which way is better for each metric the trainer can early-stop on.
@@ -65,30 +65,45 @@ def paired_bootstrap(hypotheses_a: Sequence[str], hypotheses_b: Sequence[str], r
     """Corpus-level `metric` of A and B, and a 95% interval of B − A from paired bootstrap resampling.
 
     Each resample draws the same sentence indices for both systems (Koehn 2004), so the interval is
-    about the difference, not about each score's own noise. Sentence statistics are extracted once and
-    summed per resample, which is exactly what sacrebleu's corpus score does for the whole set.
+    about the difference, not about each score's own noise.
     """
-    from sacrebleu.metrics import BLEU, CHRF
-
     if not len(hypotheses_a) == len(hypotheses_b) == len(references) or not references:
         raise ValueError(f"need equally many hypotheses and references, at least one; got "
                          f"{len(hypotheses_a)}, {len(hypotheses_b)}, {len(references)}")
-    scorer = {"chrf": CHRF, "bleu": BLEU}[metric]()
-    refs = [list(references)]
-    stats_a = scorer._extract_corpus_statistics(list(hypotheses_a), refs)
-    stats_b = scorer._extract_corpus_statistics(list(hypotheses_b), refs)
+    score_a, score_b = _resampler(hypotheses_a, references, metric), _resampler(hypotheses_b, references, metric)
+    everything = range(len(references))
+    gains = sorted(score_b(indices) - score_a(indices) for indices in _resamples(len(references), resamples, seed))
+    return PairedGain(metric, score_a(everything), score_b(everything), gains[int(0.025 * (resamples - 1))],
+                      gains[int(0.975 * (resamples - 1))], len(references), resamples)
 
-    def score(stats: list[list[int]], indices: Sequence[int]) -> float:
+
+def bootstrap_interval(hypotheses: Sequence[str], references: Sequence[str], metric: str = "chrf",
+                       resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of one system's corpus `metric`, resampling sentences (Koehn 2004)."""
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(f"need equally many hypotheses and references, at least one; got {len(hypotheses)} "
+                         f"and {len(references)}")
+    score = _resampler(hypotheses, references, metric)
+    values = sorted(score(indices) for indices in _resamples(len(references), resamples, seed))
+    return values[int(0.025 * (resamples - 1))], values[int(0.975 * (resamples - 1))]
+
+
+def _resampler(hypotheses: Sequence[str], references: Sequence[str], metric: str) -> Callable[[Sequence[int]], float]:
+    """Corpus score of any multiset of sentence indices. Sentence statistics are extracted once and summed per
+    resample, which is exactly what sacrebleu's corpus score does for the whole set."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    scorer = {"chrf": CHRF, "bleu": BLEU}[metric]()
+    stats = scorer._extract_corpus_statistics(list(hypotheses), [list(references)])
+
+    def score(indices: Sequence[int]) -> float:
         totals = [sum(column) for column in zip(*(stats[i] for i in indices))]
         return scorer._compute_score_from_stats(totals).score
 
-    everything = range(len(references))
+    return score
+
+
+def _resamples(size: int, resamples: int, seed: int) -> Iterator[list[int]]:
     rng = random.Random(seed)
-    gains = []
     for _ in range(resamples):
-        indices = [rng.randrange(len(references)) for _ in everything]
-        gains.append(score(stats_b, indices) - score(stats_a, indices))
-    gains.sort()
-    return PairedGain(metric, score(stats_a, everything), score(stats_b, everything),
-                      gains[int(0.025 * (resamples - 1))], gains[int(0.975 * (resamples - 1))],
-                      len(references), resamples)
+        yield [rng.randrange(size) for _ in range(size)]

@@ -163,15 +163,19 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+        return cls(**known_options(cls, data, "training"))
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(read_config_file(path))
+
+
+def known_options(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """`data` if every key is a field of dataclass `cls`; else a ValueError naming the unknown ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := sorted(set(data) - known):
+        raise ValueError(f"unknown {what} option(s) {unknown}; known: {sorted(known)}")
+    return data
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
