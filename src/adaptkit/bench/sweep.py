@@ -74,6 +74,7 @@ class SweepConfig:
     train_max_words: int | None = option(60, help="drop training pairs with more words than this on a side")
     synthetic: str | None = option(None, help="synthetic pairs mixed into every batch (back-translation)")
     synthetic_ratio: float = option(0.5, help="with synthetic: its share of every batch")
+    synthetic_tag: str | None = option(None, help='with synthetic: prefix of synthetic sources, e.g. "<BT> "')
     dev: str = option("libreoffice-help-en-de", help="dev set (its dev split): the convergence rule reads it")
     test: str = option("libreoffice-help-en-de", help="the in-domain test set (its test split)")
     ood_tests: list[str] = option(factory=lambda: ["libreoffice-ui-en-de"],
@@ -249,7 +250,8 @@ def run_method(method: str, cfg: SweepConfig, load_model: Callable[[], Any], dat
                         schedule="constant", seed=cfg.seed, eval_every=None, generate=False,
                         checkpoint_every=cfg.checkpoint_every, max_source_len=cfg.max_source_len,
                         max_target_len=cfg.max_target_len, output_dir=str(work), resume=True,
-                        synthetic=cfg.synthetic, synthetic_ratio=cfg.synthetic_ratio, progress=cfg.progress)
+                        synthetic=cfg.synthetic, synthetic_ratio=cfg.synthetic_ratio,
+                        synthetic_tag=cfg.synthetic_tag, progress=cfg.progress)
         run["trainable_parameters"] = summary["trainable_parameters"]
         run["file_bytes"] = _bytes(Path(summary["output"]))
         run["segments"].append({"to_step": step, "steps_run": len(summary["step_seconds"]),

@@ -18,6 +18,8 @@ from adaptkit.evaluation.scoring import paired_bootstrap
 
 GIB = 2**30
 FULL = "full"
+# Method pairs compared checkpoint by checkpoint (paired bootstrap on the test set), besides each against full FT.
+PAIRS = [("lora-r16-all", "dora-r16-all"), ("lora-r16-all", "lora-r16-attn"), ("lora-r16-all", "lora-r8-all")]
 
 
 def assemble_sweep(cfg: SweepConfig) -> dict[str, Any]:
@@ -47,13 +49,20 @@ def assemble_sweep(cfg: SweepConfig) -> dict[str, Any]:
                 entry["best"]["vs_full_best"] = _paired(full_best["test"], best["test"], references["test"], cfg)
         out_runs.append(entry)
     trained = [r for r in out_runs if r["method"] != BARE]
+    pairs = []
+    for a, b in PAIRS:
+        if a in by_method and b in by_method:
+            steps_b = {c["step"]: c for c in by_method[b]["checkpoints"]}
+            pairs.append({"a": a, "b": b, "by_step": [
+                {"step": c["step"], **_paired(c["test"], steps_b[c["step"]]["test"], references["test"], cfg)}
+                for c in by_method[a]["checkpoints"] if c["step"] in steps_b]})
     best_run = max(trained, key=lambda r: r["best"]["dev_chrf"], default=None)
     return {"name": cfg.name, "kind": "sweep", "backbone": cfg.backbone,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {k: v for k, v in vars(cfg).items()},
             "best_method": best_run["method"] if best_run else None,
             "best_method_flat": bool(best_run and best_run["converged_at"] is not None),
-            "runs": out_runs}
+            "runs": out_runs, "pairs": pairs}
 
 
 def _references(cfg: SweepConfig) -> dict[str, list[str]]:
@@ -127,6 +136,10 @@ def sweep_markdown(report: dict[str, Any]) -> str:
             + (f"{vs['chrf_diff']:+.1f} [{vs['low']:+.1f}, {vs['high']:+.1f}]" if vs else "") + f" | {ood} | "
             f"{forgetting} | {r['trainable_parameters']:,} | {_size(r['file_bytes'])} | "
             f"{_num(r['step_seconds_median'], '.2f')} | {_size(r['peak_rss_bytes'])} | {r['converged_at'] or '–'} |")
+    for pair in report.get("pairs", []):
+        if pair["by_step"]:
+            lines += ["", f"{pair['b']} − {pair['a']}, test chrF (95 % paired interval) by step: " + "; ".join(
+                f"{x['step']}: {x['chrf_diff']:+.1f} [{x['low']:+.1f}, {x['high']:+.1f}]" for x in pair["by_step"])]
     lines += ["", f"Best method by dev chrF: {report['best_method']}; its curve "
               + ("has flattened." if report["best_method_flat"] else "has not flattened yet.")]
     return "\n".join(lines)
