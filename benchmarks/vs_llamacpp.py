@@ -6,10 +6,14 @@ llama-cpp-python sdist on PyPI (the vendored llama.cpp; the server binary is all
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d runs/llamacpp
     tar xzf runs/llamacpp/llama_cpp_python-0.3.36.tar.gz -C runs/llamacpp
     cd runs/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp
-    cmake -B build -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF
+    cmake -B build -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+        -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+        -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON
     cmake --build build --target llama-server -j2
     cd - && python benchmarks/vs_llamacpp.py --llama-cpp runs/llamacpp/llama_cpp_python-0.3.36/vendor/llama.cpp
+
+Not -DGGML_NATIVE=ON on these machines: their CPU lists AMX, but the VM refuses AMX tile instructions
+(llama-server dies with SIGILL in ggml's AMX kernel); every AVX-512 extension the CPU has is enabled instead.
 
 Both sides get the same things:
 - weights: llama.cpp loads the zoo's Q4_K_M GGUF (`adaptkit.zoo.source_gguf`), adaptkit the float32 weights
@@ -80,6 +84,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--adaptkit-quantize", default=None, help="quantize= for adaptkit's backbone (default float32)")
     p.add_argument("--name", default="vs_llamacpp")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="train, export and convert the adapters, then stop (measure later on a quiet machine)")
     return p.parse_args(argv)
 
 
@@ -250,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     gguf = zoo.source_gguf(args.backbone)
     model = ak.load(args.backbone, store=WORK / "store", quantize=args.adaptkit_quantize)
     loras = adapters(model, args.train_steps, llama_cpp, zoo.resolve(args.backbone))
+    if args.prepare_only:
+        print(f"adapters ready: {', '.join(str(p) for p in loras.values())}")
+        return 0
     for name, path, *_ in [(n, model.store.path_for(n)) for n, *_ in ADAPTERS]:
         if name not in model.adapters:
             model.load_adapter(path, name)

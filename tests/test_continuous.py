@@ -20,6 +20,7 @@ import transformers as tf
 
 import adaptkit as ak
 from adaptkit.generation.continuous import ContinuousBatch, DecodingRow, unsupported
+from adaptkit.generation.slots import SlotLayer
 from adaptkit.serving.catalog import AdapterCatalog
 from adaptkit.serving.scheduler import Scheduler
 from adaptkit.serving.settings import ServeSettings
@@ -77,6 +78,30 @@ def random_rows(rng: random.Random, n: int, max_tokens: int) -> list[DecodingRow
     return rows
 
 
+def serve_in_waves(scheduler, requests: list[tuple], every: int) -> tuple[list[list[str]], list[RequestRow]]:
+    """Submit (text, adapter, [task,] key) requests one job each, pausing after every `every` so later ones
+    arrive while earlier ones decode; returns the answers and the rows."""
+    rows = []
+
+    async def scenario() -> list[list[str]]:
+        loop = asyncio.get_running_loop()
+        jobs = []
+        scheduler.start()
+        try:
+            for k, (text, adapter, *task, key) in enumerate(requests):
+                job = Job(loop, 1)
+                rows.append(RequestRow(job, 0, key, adapter, text, "en", "de", *task))
+                scheduler.submit(job, rows[-1:])
+                jobs.append(job)
+                if k % every == every - 1:
+                    await asyncio.sleep(0.01)
+            return await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 120)
+        finally:
+            await asyncio.to_thread(scheduler.stop)
+
+    return asyncio.run(scenario()), rows
+
+
 @contextlib.contextmanager
 def joins_counted():
     """Counts the rows that join any continuous batch inside the block; yields the count's reader."""
@@ -101,7 +126,7 @@ def run_joining_at_random(engine: ContinuousBatch, rows: list[DecodingRow], rng:
             finished += engine.add(joining)
         finished += engine.step()
         if engine.max_row_tokens is not None:
-            assert engine.mask.shape[1] <= engine.max_row_tokens
+            assert engine.width <= engine.max_row_tokens
     return finished
 
 
@@ -122,9 +147,10 @@ def test_rows_joining_and_leaving_decode_as_each_row_alone(arch):
     assert all(tokens[-1] == eos for tokens, early in zip(expected, stopped_at_eos) if early)
 
 
-def test_rows_near_the_sliding_window_compact_the_cache_and_stay_exact():
-    """Rows that use nearly the whole window: after rows leave, the columns nobody needs are dropped
-    before the cache would pass the window."""
+def test_rows_near_the_sliding_window_stay_exact_and_inside_it():
+    """Rows that use nearly the whole window, joining and leaving: each row's tokens sit at its own positions
+    in its slot, so the cache never spans more columns than the longest running row, however long ago the
+    oldest running row joined (the left-padded cache this replaced had to be compacted to stay inside)."""
     model = with_adapters(gemma3(sliding_window=24))
     rng = random.Random(3)
     rows = random_rows(rng, 24, max_tokens=23)
@@ -132,10 +158,68 @@ def test_rows_near_the_sliding_window_compact_the_cache_and_stay_exact():
     expected = [alone(model, row) for row in rows]
     engine = ContinuousBatch(model)
     assert engine.max_row_tokens == 23
-    with mock.patch.object(engine, "_merge", wraps=engine._merge) as merge:
-        run_joining_at_random(engine, rows, rng)
-    assert any(call.args == ([],) for call in merge.call_args_list)  # a compaction happened
+    widths = []
+    step = engine.step
+
+    def measured_step():
+        widths.append(engine.width)
+        return step()
+
+    engine.step = measured_step  # the instance attribute shadows the method
+    run_joining_at_random(engine, rows, rng)
+    assert 20 <= max(widths) <= 23  # near the window, never past it
     assert [row.tokens for row in rows] == expected
+
+
+def held_keys(engine: ContinuousBatch, rows: list[DecodingRow]) -> list[torch.Tensor]:
+    """Copies of the keys and values these rows hold in the slot cache, layer by layer."""
+    held = []
+    for layer in engine.cache.layers:
+        for row in rows:
+            slot = engine.slots.index(row)
+            if isinstance(layer, SlotLayer):
+                length = engine._length[slot]
+                held += [layer.key_buffer[slot, :, :length].clone(), layer.value_buffer[slot, :, :length].clone()]
+    return held
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_joining_rows_copy_no_running_rows_keys_and_values(arch):
+    """Rows that join are prefilled into free slots: the running rows' keys and values stay in the same storage,
+    unchanged, and no cache copy is counted. A batch that outgrows the cache it was sized for grows it (one
+    counted copy); every row still decodes as alone (llama: grouped-query attention; gemma3: sliding windows)."""
+    model = with_adapters(gemma3(sliding_window=40) if arch == "gemma3" else tiny_model("llama"))
+    model.model.generation_config.eos_token_id = None  # rows run their whole budget
+    rows = random_rows(random.Random(8), 12, max_tokens=30)
+    for row in rows[:4]:
+        row.max_new_tokens = 10  # still running when the others join
+    expected = [alone(model, row) for row in rows]
+    engine = ContinuousBatch(model, max_rows=12, max_tokens=30)
+    engine.add(rows[:4])
+    for _ in range(3):
+        engine.step()
+    running = engine.rows
+    storage, held = engine.cache.key_storage(), held_keys(engine, running)
+    assert len(running) == 4 and storage
+    engine.add(rows[4:8])
+    assert engine.cache.key_storage() == storage and engine.cache.copies == 0
+    assert all(torch.equal(before, after) for before, after in zip(held, held_keys(engine, running), strict=True))
+    engine.step()
+    engine.add(rows[8:])
+    while len(engine):
+        engine.step()
+    assert engine.cache.copies == 0 and [row.tokens for row in rows] == expected
+
+    for row in rows:
+        row.tokens = []
+    small = ContinuousBatch(model, max_rows=2, max_tokens=8)
+    small.add(rows[:2])
+    small.step()
+    small.add(rows[2:5])  # more rows and longer ones than it holds: it grows, copying the running two once
+    assert small.cache.copies == 1
+    while len(small):
+        small.step()
+    assert [row.tokens for row in rows[:5]] == expected[:5]
 
 
 def test_a_removed_row_leaves_the_others_exact():
@@ -157,6 +241,25 @@ def test_a_removed_row_leaves_the_others_exact():
         tokens for i, tokens in enumerate(expected) if i not in (2, 5)]
 
 
+def test_a_join_that_raises_leaves_the_running_rows_as_they_were():
+    """The service then lets each newcomer join alone: none of them may stay half-joined."""
+    model = with_adapters(tiny_model("llama"))
+    model.model.generation_config.eos_token_id = None
+    rows = random_rows(random.Random(12), 3, max_tokens=30)
+    expected = [alone(model, row) for row in rows]
+    engine = ContinuousBatch(model)
+    engine.add(rows[:2])
+    engine.step()
+    unknown = DecodingRow([1, 5, 6], "no-such-adapter", 4)
+    with pytest.raises(ak.AdapterError, match="no-such-adapter"):
+        engine.add([rows[2], unknown])
+    assert engine.rows == rows[:2] and rows[2].tokens == [] and unknown.tokens == []
+    engine.add(rows[2:])
+    while len(engine):
+        engine.step()
+    assert [row.tokens for row in rows] == expected
+
+
 def test_a_row_that_would_pass_the_sliding_window_is_refused_with_the_reason():
     engine = ContinuousBatch(with_adapters(tiny_model("gemma3")))  # tiny.py's gemma3: a 4-token window
     row = DecodingRow([1, 5, 6], "lora", 4)
@@ -167,8 +270,13 @@ def test_a_row_that_would_pass_the_sliding_window_is_refused_with_the_reason():
 
 
 def test_backbones_greedy_search_cannot_copy_say_why():
-    assert "decoder-only" in unsupported(ak.AdaptedModel(tiny_model("marian")))
+    assert "this one is encoder" in unsupported(ak.AdaptedModel(tiny_model("bert")))
+    assert unsupported(ak.AdaptedModel(tiny_model("marian"))) is None  # tests/test_continuous_seq2seq.py
     model = ak.AdaptedModel(tiny_model("llama"))
+    model.model.generation_config.bad_words_ids = [[5], [7, 8]]
+    assert "bans token sequences [[7, 8]]" in unsupported(model)
+    model.model.generation_config.bad_words_ids = [[5]]  # one-token words are copied (rules.py)
+    assert unsupported(model) is None
     model.model.generation_config.repetition_penalty = 1.3
     assert "repetition_penalty=1.3" in unsupported(model)
     with pytest.raises(ValueError, match="repetition_penalty"):
@@ -213,26 +321,8 @@ def test_scheduler_answers_equal_each_request_alone(tmp_path, backbone, continuo
         key = BatchKey("generate" if task else "translate", 2 if i % 7 == 3 else 1, rng.choice([3, 6, 9]))
         requests.append((text, adapter, task, key))
 
-    rows = []
-
-    async def scenario() -> list[list[str]]:
-        loop = asyncio.get_running_loop()
-        jobs = []
-        scheduler.start()
-        try:
-            for k, (text, adapter, task, key) in enumerate(requests):
-                job = Job(loop, 1)
-                rows.append(RequestRow(job, 0, key, adapter, text, "en", "de", task))
-                scheduler.submit(job, rows[-1:])
-                jobs.append(job)
-                if k % 5 == 4:
-                    await asyncio.sleep(0.01)  # later requests arrive while earlier ones decode
-            return await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 120)
-        finally:
-            await asyncio.to_thread(scheduler.stop)
-
     with joins_counted() as joined:
-        served = asyncio.run(scenario())
+        served, rows = serve_in_waves(scheduler, requests, every=5)
     in_engine = [row.decoding is not None for row in rows]
     assert in_engine == [continuous and backbone == "llama" and row.key.num_beams == 1 for row in rows]
     assert joined() == sum(in_engine)  # and no other row decoded continuously: the static path is static

@@ -70,8 +70,9 @@ def corpus(tmp_path_factory) -> Path:
 
 
 def options(corpus: Path, out: Path) -> dict:
-    return dict(backbone=str(corpus / "backbone"), methods=["lora-r16-all", "lora-r8-all"], train_data=str(corpus / "help"),
-                dev=str(corpus / "help"), test=str(corpus / "help"), ood_tests=[str(corpus / "ui")],
+    return dict(backbone=str(corpus / "backbone"), methods=["lora-r16-all", "lora-r8-all"],
+                train_data=str(corpus / "help"), dev=str(corpus / "help"), test=str(corpus / "help"),
+                ood_tests=[str(corpus / "ui")],
                 forgetting_test=None, checkpoints=[4, 8, 12], warmup_steps=2, checkpoint_every=2, flat_delta=None,
                 lrs={"lora": 1e-2}, max_new_tokens=8, resamples=20, results_dir=str(out / "results"),
                 work_dir=str(out / "work"), progress=False)

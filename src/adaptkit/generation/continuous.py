@@ -5,16 +5,20 @@ arrive meanwhile wait for the whole batch, and every prompt is padded to the lon
 as in Orca's iteration-level scheduling (what vLLM and TGI do), a row leaves at the step it
 finishes and waiting rows join at the next step:
 
-    join:  prefill the newcomers, in length-sorted chunks (little padding) ──┐
-                                                                              ├─► one KV cache, left-padded
-           the running rows' cache ───────────────────────────────────────────┘
-    step:  one token for every row, each under its own adapter; finished rows leave the cache
+    join:  prefill the newcomers, in length-sorted chunks (little padding), into free slots of the cache
+    step:  one token for every row, each under its own adapter; finished rows free their slots
+
+Each row owns a slot of a preallocated key/value cache (`slots.py`) in which its tokens sit at their own
+positions: a join writes only the newcomers' slots, never copies a running row's keys and values.
+Encoder–decoders (Marian, M2M100, (m)BART, T5) run too: a join encodes the newcomers and runs their
+first decoder step, keeping each row's cross-attention keys in its slot of a second cache (its encoder
+mask beside it); steps give each row its own decoder positions (`seq2seq.py`).
 
 Every row's tokens get the positions and the attention they would get alone (padding is masked,
 positions count a row's own tokens), so each row's output is the one `generate` gives that row
-alone; the tests check it. Only greedy search on decoder-only backbones runs here (`unsupported`
-says why not otherwise): beams, sampling, logits processors and encoder-decoders stay with
-`generate`.
+alone; the tests check it. Only greedy search runs here, with the generation config's forced and
+banned tokens copied (`rules.py`); `unsupported` says why not otherwise: beams, sampling, other
+logits processors and other architectures stay with `generate`.
 """
 
 from __future__ import annotations
@@ -27,21 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.routing import AdapterSpec
-
-# GenerationConfig fields that make `generate`'s greedy search more than an argmax of the logits.
-_PROCESSING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
-               "min_new_tokens": 0, "forced_bos_token_id": None, "forced_eos_token_id": None,
-               "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
-               "exponential_decay_length_penalty": None, "guidance_scale": None, "watermarking_config": None}
+from adaptkit.generation.rules import TokenRules, config_unsupported
+from adaptkit.generation.seq2seq import own_positions, positions_unsupported
+from adaptkit.generation.slots import SLOT_LAYERS, SlotCache
 
 
 @dataclass(eq=False)
 class DecodingRow:
-    """One row to decode: its prompt ids, adapter and budget; `tokens` fills as it runs."""
+    """One row to decode: its prompt ids (a seq2seq row's: the encoder's), adapter and budget; `tokens` fills
+    as it runs."""
 
     prompt: Sequence[int]
     adapter: AdapterSpec
@@ -49,6 +51,7 @@ class DecodingRow:
     stop: Callable[[list[int]], bool] | None = None  # a stop rule on the written ids, besides eos and the budget
     tag: Any = None  # the caller's handle for the row
     on_token: Callable[[int], None] | None = None  # called with each token as it is written (streaming)
+    first_token: int | None = None  # forced first token, as generate's forced_bos_token_id (a target language)
     tokens: list[int] = field(default_factory=list)
     error: Exception | None = None  # what its stop rule or on_token raised: the row ended there, alone
 
@@ -67,51 +70,80 @@ def unsupported(model: AdaptedModel) -> str | None:
     """Why this backbone cannot decode continuously (None: it can)."""
     if not isinstance(model, AdaptedModel):  # e.g. a peft model wrapped for the benchmark's comparisons
         return f"continuous batching routes rows through an AdaptedModel; got {type(model).__name__}"
-    if model.family != "decoder":
-        return f"continuous batching runs decoder-only backbones; this one is {model.family}"
+    if model.family not in ("decoder", "seq2seq"):
+        return f"continuous batching runs decoder-only and encoder-decoder backbones; this one is {model.family}"
     config = model.model.generation_config
-    for name, neutral in _PROCESSING.items():
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            return f"the backbone's generation config sets {name}={value!r}, which greedy search applies"
-    return None
+    if model.family == "decoder":
+        layers = {type(layer).__name__ for layer in DynamicCache(config=model.model.config).layers
+                  if not isinstance(layer, SLOT_LAYERS)}
+        if layers:
+            return f"continuous batching holds full and sliding-window attention caches; this backbone has {layers}"
+    else:
+        reason = positions_unsupported(model.model)
+        if reason is not None:
+            return reason
+        if not isinstance(_decoder_start(config), int):
+            return f"the backbone's decoder start token is {_decoder_start(config)!r}, not one id"
+    return config_unsupported(config)
+
+
+def _decoder_start(config: Any) -> Any:
+    """The id every seq2seq row's decoder starts from, as generate takes it (its bos when unset)."""
+    start = config.decoder_start_token_id
+    return start if start is not None else config.bos_token_id
 
 
 class ContinuousBatch:
     """Rows decoding together over one model; `add` lets rows join, `step` writes one token per row.
 
-    Both return the rows that finished. Not thread-safe: one worker thread owns it.
+    Both return the rows that finished. `max_rows` and `max_tokens` size the cache (a row holds its prompt
+    and budget; a seq2seq row its source, and its budget beside it): a batch that outgrows them grows it,
+    which copies the running rows' keys once (`copies`). Not thread-safe: one worker thread owns it.
     """
 
-    def __init__(self, model: AdaptedModel, max_padding: float = 0.25):
+    def __init__(self, model: AdaptedModel, max_padding: float = 0.25, max_rows: int = 8, max_tokens: int = 256):
         reason = unsupported(model)
         if reason is not None:
             raise ValueError(reason)
         self.model = model
         self.max_padding = max_padding  # a prefill chunk pads at most this share of its tokens
         config = model.model.generation_config
-        eos = config.eos_token_id
-        self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.rules = TokenRules.of(config)
+        self.eos = set(self.rules.eos)
         pad = config.pad_token_id if config.pad_token_id is not None else (min(self.eos) if self.eos else 0)
         self.pad_id = pad[0] if isinstance(pad, (list, tuple)) else pad
+        self.seq2seq = model.family == "seq2seq"
+        self.start_id = _decoder_start(config) if self.seq2seq else None
         probe = DynamicCache(config=model.model.config)
         windows = [layer.sliding_window for layer in probe.layers if getattr(layer, "is_sliding", False)]
-        # A row's cache must stay inside every sliding window: past it the cache drops columns, which
-        # the left-padded layout cannot follow. Rows that would not fit go to `generate` instead.
+        # A row's cache must stay inside every sliding window: past it generate's cache drops columns (and
+        # the mask, computed for the batch's newest column, would hide a shorter row's own keys). Rows that
+        # would not fit go to `generate` instead.
         self.max_row_tokens = min(windows) - 1 if windows else None
+        if self.seq2seq:
+            layers = sum(1 for site in model.arch.attentions if site.stack == "decoder" and site.kind == "self")
+            self.cache = SlotCache(max_rows, max_tokens, layers=layers)
+            self.cross: SlotCache | None = SlotCache(max_rows, max_tokens, layers=layers)
+        else:
+            self.cache = SlotCache(max_rows, max_tokens, like=probe)
+            self.cross = None
         parameters = inspect.signature(model.model.forward).parameters
-        self._keep_one_logit = "logits_to_keep" in parameters
+        self._keep_logits = "logits_to_keep" in parameters
         self._cache_argument = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.x
-        self.rows: list[DecodingRow] = []
-        self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (rows, cache columns): 1 where a row has a token
-        self.lengths = torch.zeros(0, dtype=torch.long)  # each row's own tokens in the cache
-        self.next_ids = torch.zeros(0, dtype=torch.long)  # each row's token to feed at the next step
-        self._routing = contextlib.ExitStack()  # the running rows' adapters, held while the rows stay the same
-        self._routed_rows: list[DecodingRow] | None = None
+        self.slots: list[DecodingRow | None] = []  # slot i's row (None: free); no free slot at the end
+        self._slot: dict[int, int] = {}  # id(row) → its slot
+        self._length: list[int] = []  # per slot: the row's tokens in the (decoder self-attention) cache
+        self._source: list[int] = []  # per slot: a seq2seq row's encoder tokens
+        self.steps = 0  # decoding steps run
+        self._routing = contextlib.ExitStack()  # the slots' adapters, held while the slots stay the same
+        self._routed: list[DecodingRow | None] | None = None
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._slot)
+
+    @property
+    def rows(self) -> list[DecodingRow]:
+        return [row for row in self.slots if row is not None]
 
     @property
     def adapters(self) -> frozenset[str]:
@@ -121,6 +153,11 @@ class ContinuousBatch:
             names.update((spec,) if isinstance(spec, str) else spec or ())
         return frozenset(names)
 
+    @property
+    def width(self) -> int:
+        """Cache columns the running rows use (the longest row's tokens)."""
+        return max((self._length[i] for i, row in enumerate(self.slots) if row is not None), default=0)
+
     def fits(self, row: DecodingRow) -> bool:
         """Whether the row's prompt and budget stay within the backbone's sliding windows."""
         return self.max_row_tokens is None or len(row.prompt) + row.max_new_tokens <= self.max_row_tokens
@@ -128,25 +165,39 @@ class ContinuousBatch:
     # -- joining -----------------------------------------------------------------------------------
     @torch.no_grad()
     def add(self, rows: Sequence[DecodingRow]) -> list[DecodingRow]:
-        """Prefill `rows` and make them part of the batch; returns those done after their first token."""
+        """Prefill `rows` into free slots; returns those done after their first token."""
         for row in rows:
             if not self.fits(row):
                 raise ValueError(f"a row of {len(row.prompt)} prompt tokens and max_new_tokens={row.max_new_tokens}"
                                  f" passes the backbone's sliding window ({self.max_row_tokens + 1} tokens)")
             if not row.prompt or row.max_new_tokens < 1:
                 raise ValueError("a row needs a non-empty prompt and max_new_tokens >= 1")
-        parts = [self._prefill(chunk) for chunk in self._chunks(rows)]
-        finished = []
-        joining: list[tuple[list[DecodingRow], DynamicCache, torch.Tensor]] = []
-        for chunk, cache, mask, first in parts:
-            keep = [i for i, row in enumerate(chunk) if not self._append(row, int(first[i]))]
-            finished += [row for i, row in enumerate(chunk) if i not in keep]
-            if keep:
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index)
-                joining.append(([chunk[i] for i in keep], cache, mask[index]))
-        if joining:
-            self._merge(joining)
+        if not rows:
+            return []
+        free = [i for i, row in enumerate(self.slots) if row is None]
+        free += range(len(self.slots), len(self.slots) + len(rows) - len(free))
+        taken = free[:len(rows)]
+        running, top = len(self) > 0, max(taken) + 1
+        if self.cross is not None:  # the decoder holds its start and all written tokens but the last
+            self.cache.reserve(top, max(row.max_new_tokens for row in rows), running)
+            self.cross.reserve(top, max(len(row.prompt) for row in rows), running)
+        else:
+            self.cache.reserve(top, max(len(row.prompt) + row.max_new_tokens - 1 for row in rows), running)
+        grow = top - len(self.slots)
+        self.slots += [None] * grow
+        self._length += [0] * grow
+        self._source += [0] * grow
+        for slot, row in zip(taken, rows):
+            self.slots[slot], self._slot[id(row)] = row, slot
+            self._length[slot] = 1 if self.seq2seq else len(row.prompt)
+            self._source[slot] = len(row.prompt) if self.seq2seq else 0
+        try:
+            firsts = [(chunk, self._prefill(chunk)) for chunk in self._chunks(rows)]
+        except BaseException:
+            self._free(rows)  # none of them joined (and none wrote a token): each may be tried again
+            raise
+        finished = [row for chunk, first in firsts for row, token in zip(chunk, first) if self._append(row, token)]
+        self._free(finished)
         return finished
 
     def _chunks(self, rows: Sequence[DecodingRow]) -> list[list[DecodingRow]]:
@@ -162,97 +213,118 @@ class ContinuousBatch:
             chunks.append([row])
         return chunks
 
-    def _prefill(self, chunk: list[DecodingRow]) -> tuple[list[DecodingRow], DynamicCache, torch.Tensor, torch.Tensor]:
+    def _prefill(self, chunk: list[DecodingRow]) -> list[int]:
+        """The chunk's prompts, right-padded (a row's tokens at its own positions, as in its slot) → first tokens."""
         width = max(len(row.prompt) for row in chunk)
         ids = torch.full((len(chunk), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)
         for i, row in enumerate(chunk):
-            ids[i, width - len(row.prompt):] = torch.tensor(list(row.prompt))
-            mask[i, width - len(row.prompt):] = 1
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate counts them: own tokens only
-        cache = DynamicCache(config=self.model.model.config)
+            ids[i, :len(row.prompt)] = torch.tensor(list(row.prompt))
+            mask[i, :len(row.prompt)] = 1
+        device = self._device()
+        slots = torch.tensor([self._slot[id(row)] for row in chunk], device=device)
+        self.cache.prefill(slots)
+        if self.cross is not None:
+            self.cross.prefill(slots)
+            kwargs: dict[str, Any] = {
+                "input_ids": ids.to(device), "attention_mask": mask.to(device),
+                "decoder_input_ids": torch.full((len(chunk), 1), self.start_id, dtype=torch.long, device=device),
+                self._cache_argument: EncoderDecoderCache(self.cache, self.cross)}
+        else:
+            last = mask.sum(-1) - 1
+            kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+                      "position_ids": torch.arange(width).expand(len(chunk), -1).to(device),
+                      self._cache_argument: self.cache}
+            if self._keep_logits:
+                kwargs["logits_to_keep"] = last[:, None].to(device)  # each row's own last position
         with self.model.using([row.adapter for row in chunk]):
-            first = self._greedy(ids, mask, positions, cache)
-        return chunk, cache, mask, first
-
-    def _merge(self, joining: list[tuple[list[DecodingRow], DynamicCache, torch.Tensor]]) -> None:
-        """One cache for the running rows and the newcomers: left-pad every part to the longest, stack the rows,
-        and drop the leading columns that are padding in every row."""
-        parts = ([(self.rows, self.cache, self.mask)] if self.rows else []) + joining
-        width = max(mask.shape[1] for _, _, mask in parts)
-        mask = torch.cat([_pad_left(m, width) for _, _, m in parts])
-        start = int((mask.cumsum(-1) == 0).sum(-1).min())  # columns that are padding in every row
-        merged = DynamicCache(config=self.model.model.config)
-        for index, layer in enumerate(merged.layers):
-            sources = [cache.layers[index] for _, cache, _ in parts]
-            if not all(source.is_initialized for source in sources):
-                continue  # a layer that shares another's cache holds none of its own
-            keys = torch.cat([_pad_left(source.keys, width, dim=2) for source in sources])[:, :, start:]
-            values = torch.cat([_pad_left(source.values, width, dim=2) for source in sources])[:, :, start:]
-            layer.update(keys, values)
-        self.cache = merged
-        self.mask = mask[:, start:]
-        self.rows = [row for rows, _, _ in parts for row in rows]
-        self.lengths = torch.tensor([len(row.prompt) + len(row.tokens) - 1 for row in self.rows])
-        self.next_ids = torch.tensor([row.tokens[-1] for row in self.rows])
+            logits = self.model(use_cache=True, **kwargs).logits
+        if self.cross is None and not self._keep_logits:
+            logits = logits[torch.arange(len(chunk)), last.to(logits.device)][:, None]
+        return self.rules.pick(logits[:, -1, :].float(), chunk, [self._prefix(row) for row in chunk])
 
     # -- decoding ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[DecodingRow]:
         """One token for every running row; returns the rows that finished (they leave the batch)."""
-        if not self.rows:
+        if not len(self):
             return []
-        if self.max_row_tokens is not None and self.mask.shape[1] + 1 > self.max_row_tokens:
-            self._merge([])  # rows have left since the last join: drop the columns no row uses any more
-        mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long)], dim=1)
+        # Every slot below the last taken one computes: a free one (a row left) as a one-token dummy row.
+        slots = self.slots
+        lengths = torch.tensor([self._length[i] if row is not None else 0 for i, row in enumerate(slots)])
+        ids = torch.tensor([[row.tokens[-1] if row is not None else self.pad_id] for row in slots])
+        width = int(lengths.max()) + 1
+        mask = (torch.arange(width)[None, :] <= lengths[:, None]).long()  # its own tokens and the new one
+        device = self._device()
+        self.cache.decode(lengths.to(device), width)
         self._route()
-        next_ids = self._greedy(self.next_ids[:, None], mask, self.lengths[:, None], self.cache)
-        self.mask, self.lengths, self.next_ids = mask, self.lengths + 1, next_ids
-        done = [i for i, row in enumerate(self.rows) if self._append(row, int(next_ids[i]))]
-        finished = [self.rows[i] for i in done]
-        self.remove(finished)
+        if self.cross is not None:
+            sources = torch.tensor([max(n, 1) if row is not None else 1 for n, row in zip(self._source, slots)])
+            self.cross.show(len(slots), int(sources.max()))
+            source_mask = (torch.arange(int(sources.max()))[None, :] < sources[:, None]).long()
+            # The cross-attention keys are in the cache: the encoder output is only read for its shape.
+            stand_in = torch.zeros((), dtype=self.model.model.dtype, device=device).expand(
+                len(slots), source_mask.shape[1], self.model.model.config.hidden_size)
+            cache = EncoderDecoderCache(self.cache, self.cross)
+            with own_positions(self.model.model, lengths, ids, width):
+                logits = self.model(decoder_input_ids=ids.to(device), decoder_attention_mask=mask.to(device),
+                                    attention_mask=source_mask.to(device), encoder_outputs=(stand_in,),
+                                    use_cache=True, **{self._cache_argument: cache}).logits
+        else:
+            kwargs: dict[str, Any] = {self._cache_argument: self.cache, "use_cache": True}
+            if self._keep_logits:
+                kwargs["logits_to_keep"] = 1
+            logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                position_ids=lengths[:, None].to(device), **kwargs).logits
+        tokens = self.rules.pick(logits[:, -1, :].float(), slots,
+                                 [self._prefix(row) if row is not None else 0 for row in slots])
+        self.steps += 1
+        finished = []
+        for i, row in enumerate(slots):
+            if row is not None:
+                self._length[i] += 1
+                if self._append(row, tokens[i]):
+                    finished.append(row)
+        self._free(finished)
         return finished
 
     def remove(self, rows: Sequence[DecodingRow]) -> None:
         """Drop rows from the batch (finished, or their client went away)."""
-        gone = {id(row) for row in rows}
-        keep = [i for i, row in enumerate(self.rows) if id(row) not in gone]
-        if len(keep) == len(self.rows):
-            return
-        index = torch.tensor(keep, dtype=torch.long)
-        if keep and self.cache is not None:
-            self.cache.batch_select_indices(index)
-        else:
-            self.cache = None
-        self.rows = [self.rows[i] for i in keep]
-        self.mask, self.lengths, self.next_ids = self.mask[index], self.lengths[index], self.next_ids[index]
-        if not self.rows:
+        self._free(rows)
+
+    def _free(self, rows: Sequence[DecodingRow]) -> None:
+        for row in rows:
+            slot = self._slot.pop(id(row), None)
+            if slot is not None:
+                self.slots[slot] = None
+        while self.slots and self.slots[-1] is None:
+            self.slots.pop()
+            self._length.pop()
+            self._source.pop()
+        if not self.slots:
             self.close()
 
     def close(self) -> None:
         """Release the held routing (and with it the adapters' pins)."""
         self._routing.close()
-        self._routed_rows = None
+        self._routed = None
 
     def _route(self) -> None:
-        """Hold one routing while the row set stays the same: per-call caches (LoRA's gathered stacks) are
-        then built once per row set, not once per token."""
-        if self._routed_rows is not None and self._routed_rows == self.rows:
+        """Hold one routing while the slots stay the same: per-call caches (LoRA's gathered stacks) are then
+        built once per row set, not once per token."""
+        if self._routed is not None and self._routed == self.slots:
             return
         self.close()
-        self._routing.enter_context(self.model.using([row.adapter for row in self.rows]))
-        self._routed_rows = list(self.rows)
+        self._routing.enter_context(self.model.using([row.adapter if row is not None else None
+                                                      for row in self.slots]))
+        self._routed = list(self.slots)
 
-    def _greedy(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                cache: DynamicCache) -> torch.Tensor:
-        """Each row's next token: the argmax of its last position's logits, in float32 as generate takes them."""
-        kwargs: dict[str, Any] = {self._cache_argument: cache, "use_cache": True}
-        if self._keep_one_logit:
-            kwargs["logits_to_keep"] = 1
-        device = next(self.model.model.parameters()).device
-        output = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            position_ids=positions.to(device), **kwargs)
-        return output.logits[:, -1, :].float().argmax(-1).cpu()
+    def _device(self) -> torch.device:
+        return next(self.model.model.parameters()).device
+
+    def _prefix(self, row: DecodingRow) -> int:
+        """The row's decoder input before its first written token: the prompt, or a seq2seq decoder's start."""
+        return 1 if self.seq2seq else len(row.prompt)
 
     def _append(self, row: DecodingRow, token: int) -> bool:
         """Add the token; True when the row is done. A row whose own callbacks raise ends with `error` set:
@@ -274,8 +346,9 @@ def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_ro
     the rows too long for the backbone's sliding window, untouched (for `generate`).
 
     Waiting rows join once a quarter of the places are free (or nothing runs): each join then prefills
-    several rows, and the cache is merged less often."""
-    engine = ContinuousBatch(model)
+    several rows, and a step computes few free slots. The cache is sized for the longest row up front."""
+    tokens = max((len(row.prompt) + row.max_new_tokens for row in rows), default=1)
+    engine = ContinuousBatch(model, max_rows=max_rows, max_tokens=tokens)
     waiting: collections.deque[DecodingRow] = collections.deque()
     too_long: list[DecodingRow] = []
     for row in rows:
@@ -296,12 +369,3 @@ def decode_continuously(model: AdaptedModel, rows: Sequence[DecodingRow], max_ro
         engine.remove(list(engine.rows))
         engine.close()
     return too_long
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

@@ -8,7 +8,7 @@ numbers of tokens, but these decoders derive one position for the whole batch fr
     Marian                sinusoidal table                 the module's embedding at each row's positions
     BART, mBART           learned table, offset 2          the same, at position + the module's offset
     M2M100                sinusoidal, pad ids → pad slot   its `create_position_ids_from_input_ids`, per-row length
-    T5                    relative bias (query − key)      its `compute_bias` over all positions, each row's rows
+    T5                    relative bias (key − query)      its `compute_bias`, each row's entries of it
 
 Known by class name, so that importing this module loads no model code. Other decoders are `unsupported`.
 """
@@ -78,7 +78,7 @@ def own_positions(model: nn.Module, lengths: torch.Tensor, ids: torch.Tensor, ke
     site = _position_site(model)
     assert site is not None, positions_unsupported(model)
     kind, module = site
-    device = next(module.parameters(), next(module.buffers())).device
+    device = next(model.parameters()).device
     positions = (lengths[:, None] + torch.arange(ids.shape[1])).to(device)
     if kind == "table":
         own = POSITION_MODULES[type(module).__name__]
@@ -102,7 +102,10 @@ def own_positions(model: nn.Module, lengths: torch.Tensor, ids: torch.Tensor, ke
 
 
 def _row_bias(module: nn.Module, positions: torch.Tensor, keys: int) -> torch.Tensor:
-    """T5's relative bias [rows, heads, tokens, keys] with each row's queries at its own positions: the module's
-    bias depends on key − query only, so one table for queries 0..max serves every row."""
-    table = module.compute_bias(int(positions.max()) + 1, keys, device=positions.device)  # [1, heads, queries, keys]
-    return table[0][:, positions].permute(1, 0, 2, 3)
+    """T5's relative bias [rows, heads, tokens, keys] with each row's queries at its own positions. The module's
+    bias depends on key − query only: one line of it, key − query from −(furthest query) to keys − 1, serves
+    every row (computing it per query would cost queries × keys per step)."""
+    reach = int(positions.max())
+    line = module.compute_bias(1, reach + keys, device=positions.device, past_seen_tokens=reach)[0, :, 0]
+    index = torch.arange(keys, device=positions.device)[None, None, :] - positions[:, :, None] + reach
+    return line[:, index].permute(1, 0, 2, 3)

@@ -54,14 +54,13 @@ class SlotLayer(CacheLayerMixin):
         owner = self.owner
         if owner.joining is not None:
             # Rows that join have no past: they attend to their own keys, which are also kept in their slots.
-            slots = owner.joining.to(self.device)
+            slots = owner.joining
             width = key_states.shape[2]
             self.key_buffer[slots, :, :width] = key_states
             self.value_buffer[slots, :, :width] = value_states
             return key_states, value_states
         assert owner.columns is not None and key_states.shape[2] == 1, "a decoding step writes one token per row"
-        columns = owner.columns.to(self.device)
-        rows = torch.arange(columns.shape[0], device=self.device)
+        rows, columns = owner.rows, owner.columns
         self.key_buffer[rows, :, columns] = key_states[:, :, 0]
         self.value_buffer[rows, :, columns] = value_states[:, :, 0]
         self.show(columns.shape[0], owner.width)
@@ -110,7 +109,7 @@ class SlotCache(Cache):
 
     def __init__(self, rows: int, columns: int, like: Cache | None = None, layers: int = 0):
         made: list = []
-        for layer in like.layers if like is not None else [DynamicLayer()] * layers:
+        for layer in like.layers if like is not None else [None] * layers:
             if isinstance(layer, DummyLayer):
                 made.append(DummyLayer())
             else:
@@ -118,8 +117,10 @@ class SlotCache(Cache):
                                       getattr(layer, "sliding_window", None)))
         super().__init__(layers=made)
         self.capacity = (rows, columns)
+        # Index tensors on the model's device, set once per forward and read by every layer.
         self.joining: torch.Tensor | None = None  # prefill: the joining rows' slots, in batch order
         self.columns: torch.Tensor | None = None  # decoding step: each row's write column (its own position)
+        self.rows: torch.Tensor | None = None  # decoding step: 0..rows-1
         self.width = 0  # decoding step: columns the step attends over
         self.past = 0  # what the models' mask code is told the cache holds before this forward
         self.copies = 0  # times keys already held were copied (growing past the capacity)
@@ -129,9 +130,11 @@ class SlotCache(Cache):
 
     def decode(self, columns: torch.Tensor, width: int) -> None:
         self.joining, self.columns, self.width, self.past = None, columns, width, width - 1
+        self.rows = torch.arange(columns.shape[0], device=columns.device)
 
     def show(self, rows: int, width: int) -> None:
         """Views of every layer for a step that reads this cache without writing it (cross-attention)."""
+        # A past of `width` tells `EncoderDecoderCache` the cross-attention keys are there (`is_updated`).
         self.joining, self.columns, self.width, self.past = None, None, width, width
         for layer in self.layers:
             if isinstance(layer, SlotLayer):

@@ -167,8 +167,9 @@ class BatchRunner:
     """Rows of one key → one generate call with one adapter entry per row: `Translator` for translations
     (prompt by language pair), `Generator` for the rest (prompt by each row's task).
 
-    Greedy rows on a decoder backbone instead join `engine`, a continuous batch (when `continuous`):
-    `decoding_row` makes a row the engine can run and `text_of` reads its answer."""
+    Greedy rows instead join `engine`, a continuous batch (when `continuous`, on a decoder-only or encoder-decoder
+    backbone the engine runs; `unsupported` says why not otherwise): `decoding_row` makes a row the engine can
+    run and `text_of` reads its answer."""
 
     def __init__(self, model: AdaptedModel, max_batch: int, continuous: bool = True):
         if model.tokenizer is None:
@@ -178,7 +179,8 @@ class BatchRunner:
         # scheduler, so the translator and generator here never decode continuously themselves.
         self.translator = Translator(model, batch_size=max_batch, continuous=False)
         self.generator = Generator(model, batch_size=max_batch, continuous=False)
-        self.engine = ContinuousBatch(model) if continuous and unsupported(model) is None else None
+        self.engine = (ContinuousBatch(model, max_rows=max_batch) if continuous and unsupported(model) is None
+                       else None)
         config = model.model.generation_config
         eos = config.eos_token_id  # the engine's end-of-sequence rule, for "complete" rows in static batches
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])

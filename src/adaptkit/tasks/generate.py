@@ -116,7 +116,7 @@ class Generator:
         self.chat_template = chat_template
         self.batch_size = batch_size
         self.max_source_len = max_source_len
-        self.continuous = continuous  # greedy decoder rows: a continuous batch (generation/continuous.py)
+        self.continuous = continuous  # greedy rows: a continuous batch (generation/continuous.py)
 
     # -- routing --------------------------------------------------------------------------------
     def prompt_for(self, task: str) -> PromptFormat | None:
@@ -180,20 +180,19 @@ class Generator:
     # -- inputs and outputs ---------------------------------------------------------------------
     def _inputs(self, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         tokenizer = self.model.tokenizer
-        # No truncation: every source was split or checked against max_source_len already; cutting here was silent.
-        if self.model.family == "decoder":
-            ids = [self._prompt_ids(r) for r in rows]
-        else:
-            ids = [tokenizer(self._seq2seq_text(r))["input_ids"] for r in rows]
+        ids = [self._prompt_ids(r) for r in rows]
         left = self.model.family == "decoder"  # decoder prompts end where generation starts
         device = next(self.model.model.parameters()).device
         return {"input_ids": pad_sequences(ids, pad_id(tokenizer), left).to(device),
                 "attention_mask": pad_sequences([[1] * len(s) for s in ids], 0, left).to(device)}
 
     def _prompt_ids(self, row: Row) -> list[int]:
-        """A decoder row's unpadded prompt."""
-        return encode_decoder_example(self.model.tokenizer, row.source, None, row.src_lang, row.tgt_lang,
-                                      self.prompt_for(row.task))[0]["input_ids"]
+        """A row's unpadded prompt (a seq2seq model's encoder input). No truncation: every source was split or
+        checked against max_source_len already; cutting here was silent."""
+        if self.model.family == "decoder":
+            return encode_decoder_example(self.model.tokenizer, row.source, None, row.src_lang, row.tgt_lang,
+                                          self.prompt_for(row.task))[0]["input_ids"]
+        return self.model.tokenizer(self._seq2seq_text(row))["input_ids"]
 
     # -- the source limit: split where the task allows, else refuse; never cut ------------------------
     def source_tokens(self, row: Row) -> int:
@@ -319,9 +318,10 @@ class Generator:
 
     def decoding_parts(self, text: Source, adapter: Any, task: Any, src_lang: Any, tgt_lang: Any
                        ) -> tuple[list[int], bool]:
-        """One decoder row as `generate` prompts it, for continuous batching: its unpadded prompt ids, and
-        whether its reply ends at the first line (the text is then `tidy`'s first line). One row is one prompt,
-        so a source over `max_source_len` tokens is refused with `SourceTooLong`, never cut."""
+        """One row as `generate` prompts it, for continuous batching: its unpadded prompt ids (a seq2seq
+        backbone's encoder input), and whether its reply ends at the first line (the text is then `tidy`'s
+        first line). One row is one prompt, so a source over `max_source_len` tokens is refused with
+        `SourceTooLong`, never cut."""
         row = self._rows([text], adapter, task, src_lang, tgt_lang)[0]
         self._check_length(row, "one row is one prompt here: Generator.generate splits a long translate or style "
                                 "source at sentence ends; or send shorter texts")

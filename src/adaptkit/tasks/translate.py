@@ -33,7 +33,7 @@ from adaptkit.core.adapterfile import AdapterStore, read_adapter_info
 from adaptkit.core.bank import AdaptedModel
 from adaptkit.core.errors import AdapterError, SourceTooLong
 from adaptkit.core.routing import match_adapter, per_row, route_by_keys
-from adaptkit.data import PromptFormat, decode_generated, encode_decoder_example, prompt_inputs
+from adaptkit.data import PromptFormat, decode_generated, prompt_inputs
 from adaptkit.generation.continuous import DecodingRow, decode_continuously, first_line_rule, unsupported
 from adaptkit.segments import Segments, split_source
 from adaptkit.tasks.classify import Classifier
@@ -68,7 +68,7 @@ class Translator:
                  continuous: bool = True):
         model.require_tokenizer("Translator")
         self.model = model
-        self.continuous = continuous  # greedy decoder rows: a continuous batch (generation/continuous.py)
+        self.continuous = continuous  # greedy rows: a continuous batch (generation/continuous.py)
         self.prompt = prompt  # None: data.PromptFormat() for decoders, bare sources for seq2seq
         self.batch_size = batch_size
         self.max_source_len = max_source_len
@@ -167,7 +167,8 @@ class Translator:
         with tqdm(total=n, desc="translating", unit="row", disable=not progress) as bar:
             static = list(range(n))
             if self._continuous_for(num_beams, generate_kwargs):
-                static = self._translate_continuously(texts, srcs, tgts, routes, max_new_tokens, out, bar.update)
+                static = self._translate_continuously(texts, srcs, tgts, routes, max_new_tokens, out, bar.update,
+                                                      **generate_kwargs)
             static.sort(key=lambda i: len(texts[i]))  # similar lengths batch together: less padding, rows end closer
             for start in range(0, len(static), self.batch_size):
                 rows = static[start:start + self.batch_size]
@@ -198,16 +199,20 @@ class Translator:
         return len(tokenizer(prompted)["input_ids"])
 
     def _continuous_for(self, num_beams: int, generate_kwargs: dict[str, Any]) -> bool:
-        """Greedy search with no extra generate options, on a backbone whose greedy search the engine copies."""
-        return self.continuous and num_beams == 1 and not generate_kwargs and unsupported(self.model) is None
+        """Greedy search with no extra generate options but a forced first token (a target language's), on a
+        backbone whose greedy search the engine copies (decoder-only, or Marian, M2M100, (m)BART, T5)."""
+        forced_only = all(key == "forced_bos_token_id" and isinstance(value, int)
+                          for key, value in generate_kwargs.items())
+        return self.continuous and num_beams == 1 and forced_only and unsupported(self.model) is None
 
     def _translate_continuously(self, texts: Sequence[str], srcs: list[str], tgts: list[str], routes: list[Any],
-                                max_new_tokens: int, out: list[str], progress: Callable[[int], Any]) -> list[int]:
+                                max_new_tokens: int, out: list[str], progress: Callable[[int], Any],
+                                forced_bos_token_id: int | None = None) -> list[int]:
         """Decode the rows in a continuous batch (rows leave as they finish, others join); returns the indices
         of rows too long for the backbone's sliding window, left for generate."""
         stop = first_line_rule(self.model.tokenizer) if self._one_line() else None
-        rows = [DecodingRow(self._prompt_ids(texts[i], srcs[i], tgts[i]), routes[i], max_new_tokens, stop, tag=i)
-                for i in range(len(texts))]
+        rows = [DecodingRow(self._prompt_ids(texts[i], srcs[i], tgts[i]), routes[i], max_new_tokens, stop, tag=i,
+                            first_token=forced_bos_token_id) for i in range(len(texts))]
 
         def done(row: DecodingRow) -> None:
             out[row.tag] = tidy(self.model.tokenizer.decode(row.tokens, skip_special_tokens=True), self._one_line())
@@ -216,8 +221,9 @@ class Translator:
         return [row.tag for row in decode_continuously(self.model, rows, self.batch_size, done)]
 
     def decoding_parts(self, text: str, src_lang: str, tgt_lang: str) -> tuple[list[int], bool]:
-        """One row as `translate` prompts a decoder backbone, for continuous batching: its unpadded prompt ids,
-        and whether its answer ends at the first line (the text is then `tidy`'s first line).
+        """One row as `translate` prompts it, for continuous batching: its unpadded prompt ids (a seq2seq
+        backbone's encoder input), and whether its answer ends at the first line (the text is then `tidy`'s
+        first line).
 
         One row is one prompt, so a source over `max_source_len` tokens is refused with `SourceTooLong`
         (`.tokens`, `.limit`), never cut: `translate` splits such a text, a caller of this cannot."""
@@ -230,9 +236,10 @@ class Translator:
         return self._prompt_ids(text, src_lang, tgt_lang), self._one_line()
 
     def _prompt_ids(self, text: str, src_lang: str, tgt_lang: str) -> list[int]:
-        """A decoder row's unpadded prompt, its source within the limit already (split or checked)."""
-        return encode_decoder_example(self.model.tokenizer, text, None, src_lang, tgt_lang,
-                                      self.prompt or PromptFormat())[0]["input_ids"]
+        """A row's unpadded prompt (a seq2seq model's encoder input), as `_inputs` builds it, its source within
+        the limit already (split or checked)."""
+        inputs = prompt_inputs(self.model.tokenizer, [text], src_lang, tgt_lang, self.model.family, self.prompt)
+        return inputs["input_ids"][0].tolist()
 
     def _one_line(self) -> bool:
         """A decoder prompted for a one-line target is done at the first newline (a bare base model
