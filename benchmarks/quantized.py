@@ -51,6 +51,7 @@ from torch import nn
 import adaptkit as ak
 from adaptkit.core.quantize import storage_bytes
 from adaptkit.corpora import load_sample
+from adaptkit.data import PromptFormat, prompt_inputs
 from adaptkit.evaluation import evaluate
 from adaptkit.evaluation.scoring import paired_bootstrap
 from adaptkit.tasks.translate import Translator
@@ -215,8 +216,8 @@ def translate_all(model: ak.AdaptedModel, work: Path, rows: dict[str, list[dict]
 def decode_latency(models: dict[str, ak.AdaptedModel], rows: list[dict], rounds: int) -> dict[str, Any]:
     """Seconds for one batch of 8 prompts and exactly 32 new tokens, per backbone, bare and with LoRA."""
     model0 = next(iter(models.values()))
-    translator = Translator(model0, batch_size=8)
-    inputs = translator._inputs([r["src"] for r in rows[:8]], ["en"] * 8, ["de"] * 8)
+    inputs = prompt_inputs(model0.tokenizer, [r["src"] for r in rows[:8]], ["en"] * 8, ["de"] * 8, model0.family,
+                           PromptFormat())
     times: dict[str, list[float]] = {}
     for _ in range(rounds):
         for name, model in models.items():

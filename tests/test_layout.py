@@ -46,7 +46,7 @@ FUNCTION_LEVEL_ALLOWED = {
     "fastapi": "only the service",
     "uvicorn": "only the service",
     "ray": "only distributed serving and file translation on Ray actors",
-    "torchao": "optional (the quant extra); only ak.load(..., quantize='int8') on CPU",
+    "torchao": "optional (the quant extra); only ak.load(..., quantize='int8' or 'int8-dynamic') on CPU",
     "bitsandbytes": "optional, CUDA only; only ak.load(..., quantize=...) on a GPU",
 }
 

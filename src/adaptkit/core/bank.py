@@ -96,7 +96,9 @@ class AdaptedModel(nn.Module):
                         device: str | torch.device | None = None, quantize: str | None = None,
                         **kwargs: Any) -> AdaptedModel:
         """`quantize`: "int8" (CPU: torchao weight-only; CUDA: bitsandbytes) or "nf4" (bitsandbytes, CPU or
-        CUDA) for the frozen Linear layers (core/quantize.py); adapters stay in full precision."""
+        CUDA) for the frozen Linear layers (core/quantize.py); adapters stay in full precision. "int8-dynamic"
+        (CPU, inference only): int8 weights, the output head included, times int8 activations, faster than
+        float32; adapters trained over "int8" or float load on it, training over it is refused."""
         model, tokenizer, backbone_id = load_pretrained(name_or_path, dtype=dtype, device=device)
         return cls(model, tokenizer, backbone_id, quantize=quantize, **kwargs)
 
@@ -587,5 +589,6 @@ def load(name_or_path: str | Path, **kwargs: Any) -> AdaptedModel:
     """Load a backbone (zoo name, local directory or Hub id), frozen, ready for adapters.
 
     >>> ak.load("gemma3-270m", quantize="int8")   # Linear weights in int8 (torchao), adapters float32
+    >>> ak.load("gemma3-270m", quantize="int8-dynamic")   # int8 weights and activations: serving on CPU
     """
     return AdaptedModel.from_pretrained(name_or_path, **kwargs)

@@ -20,9 +20,17 @@ before the role map is read. They subclass nn.Linear, so the role map finds them
 originals. On CPU (bitsandbytes 0.50 or later) a 4-bit layer dequantises its weight, then multiplies:
 it saves memory and costs time.
 
-The output projection (the LM head, often tied to the input embeddings) stays in full precision,
-as bitsandbytes' own default does: quantising a tied head would add an int8 copy beside the
-embedding it shares, not save memory. Nothing else of the backbone changes.
+For "int8" and "nf4" the output projection (the LM head, often tied to the input embeddings) stays in
+full precision, as bitsandbytes' own default does: quantising a tied head would add an int8 copy beside
+the embedding it shares, not save memory. Nothing else of the backbone changes.
+
+`"int8-dynamic"` is the inference scheme, CPU only (core/int8dynamic.py): int8 weights per output row
+times activations quantised to int8 per token at every call, multiplied by `torch._int_mm`; chosen
+because it decodes faster than float32 on CPU, which weight-only int8 does not. It includes the head,
+the largest single matmul of a decode step (gemma3-270m's 262k x 640): a tied head gets its own int8
+copy and the input embedding stays float for the lookup, so memory falls less than with "int8" but
+time falls more. No gradient passes, so training over it is refused: train over "int8" or float,
+then serve the same adapter file over "int8-dynamic" (the fingerprint is the float weights').
 """
 
 from __future__ import annotations
@@ -35,12 +43,17 @@ from torch import nn
 
 from adaptkit.core.errors import AdapterError
 
-SCHEMES = ("int8", "nf4")
+SCHEMES = ("int8", "nf4", "int8-dynamic")
+# schemes that pass no gradient: serve adapters over them, train elsewhere
+INFERENCE_ONLY = frozenset({"int8-dynamic"})
 HELP = ("the backbone's frozen Linear weights in int8 (CPU: torchao; CUDA: bitsandbytes) or nf4 (bitsandbytes, "
-        "CPU or CUDA; pip install 'adaptkit[quant]'); adapters stay in full precision and train over them (QLoRA)")
+        "CPU or CUDA; pip install 'adaptkit[quant]'); adapters stay in full precision and train over them (QLoRA). "
+        "int8-dynamic (CPU, inference only): int8 weights, the output head included, times int8 activations, "
+        "faster than float32; serve adapters trained over int8 or float")
 # which library quantises, by (device type, scheme): torchao's int8 was measured the best on CPU
 LIBRARY = {("cpu", "int8"): "torchao", ("cpu", "nf4"): "bitsandbytes",
-           ("cuda", "int8"): "bitsandbytes", ("cuda", "nf4"): "bitsandbytes"}
+           ("cuda", "int8"): "bitsandbytes", ("cuda", "nf4"): "bitsandbytes",
+           ("cpu", "int8-dynamic"): "torch"}
 
 
 def quantize_backbone(model: nn.Module, scheme: str) -> dict[str, Any]:
@@ -49,13 +62,19 @@ def quantize_backbone(model: nn.Module, scheme: str) -> dict[str, Any]:
     device = _device_of(model)
     if scheme not in SCHEMES:
         raise AdapterError(f"quantize={scheme!r} is not a quantisation adaptkit knows; use quantize='int8' "
-                           "(CPU: torchao; CUDA: bitsandbytes), quantize='nf4' (bitsandbytes), or leave it None "
+                           "(CPU: torchao; CUDA: bitsandbytes), quantize='nf4' (bitsandbytes), "
+                           "quantize='int8-dynamic' (CPU, inference only), or leave it None "
                            "(and pass dtype=torch.bfloat16 for a half-size float backbone)")
     library = LIBRARY.get((device.type, scheme))
+    if library is None and scheme in INFERENCE_ONLY:
+        raise AdapterError(f"quantize={scheme!r} runs on the CPU only (torch._int_mm); on {device.type} load the "
+                           "backbone with quantize='int8' or 'nf4', or on device='cpu'")
     if library is None:
         raise AdapterError(f"quantize={scheme!r} is not available on a {device.type} device: adaptkit quantises "
                            "on the CPU and on CUDA; load the backbone there (device='cpu' or 'cuda')")
-    skip = {id(m) for m in _output_projections(model)}
+    heads = {id(m) for m in _output_projections(model)}
+    # the inference scheme takes the head too (module docstring); the others leave it float
+    skip = set() if scheme in INFERENCE_ONLY else heads
     targets = [(name, module) for name, module in model.named_modules()
                if type(module) is nn.Linear and id(module) not in skip]
     if not targets:
@@ -63,6 +82,9 @@ def quantize_backbone(model: nn.Module, scheme: str) -> dict[str, Any]:
                            "projection (GPT-2 style Conv1D projections are not quantised); load it without quantize=")
     if library == "bitsandbytes":
         record = _bitsandbytes(model, targets, scheme, device)
+    elif library == "torch":
+        record = {**_int8_dynamic([module for _, module in targets]),
+                  "head": any(id(module) in heads for _, module in targets)}
     else:
         record = _torchao_int8(model, {id(m) for _, m in targets})
     return {**record, "scheme": scheme, "modules": len(targets)}
@@ -95,6 +117,20 @@ def _torchao_int8(model: nn.Module, chosen: set[int]) -> dict[str, Any]:
     # in place: the modules stay the same objects (hooks and the role map keep pointing at them)
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, _name: id(module) in chosen)
     return {"library": "torchao", "version": _library_version("torchao"), "method": "int8 weight-only"}
+
+
+def _int8_dynamic(modules: list[nn.Module]) -> dict[str, Any]:
+    try:  # the weight's tensor plumbing comes from torchao (core/int8dynamic.py)
+        from adaptkit.core.int8dynamic import Int8DynamicWeight
+    except ImportError:
+        raise AdapterError("quantize='int8-dynamic' needs torchao: pip install 'adaptkit[quant]' "
+                           "(or pip install torchao)") from None
+    for module in modules:
+        # a new Parameter on the same module: a head tied to the input embedding is untied here, and the
+        # embedding keeps its float weight for the lookup
+        module.weight = nn.Parameter(Int8DynamicWeight.from_float(module.weight), requires_grad=False)
+    return {"library": "torch", "version": torch.__version__.split("+")[0], "method":
+            "int8 weights per output row x int8 activations per token (torch._int_mm), inference only"}
 
 
 def _bitsandbytes(model: nn.Module, targets: list[tuple[str, nn.Module]], scheme: str,

@@ -123,7 +123,7 @@ class Ready(BaseModel):
     family: str
     adapters_in_store: int
     resident: int
-    quantization: str | None = Field(None, description="int8 / nf4 Linear weights (--quantize), or null")
+    quantization: str | None = Field(None, description="int8 / nf4 / int8-dynamic Linear weights (--quantize), or null")
 
 
 class ErrorDetail(BaseModel):

@@ -36,7 +36,7 @@ class ModelSpec:
     adapter_files: tuple[str, ...] = ()  # or these files
     dtype: str | None = None
     device: str | None = None
-    quantize: str | None = None  # "int8" / "nf4": the backbone's Linear weights (core/quantize.py)
+    quantize: str | None = None  # "int8" / "nf4" / "int8-dynamic": the backbone's Linear weights (core/quantize.py)
     max_resident: int | None = None
 
     def __post_init__(self) -> None:

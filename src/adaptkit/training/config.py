@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 import yaml
 
+from adaptkit.core.errors import InferenceOnlyBackbone
 from adaptkit.core.quantize import HELP as QUANTIZE_HELP
+from adaptkit.core.quantize import INFERENCE_ONLY
 from adaptkit.evaluation.scoring import MODES
 
 if sys.version_info >= (3, 11):
@@ -140,6 +142,8 @@ class TrainConfig:
             if self.full:
                 raise ValueError("loraplus_lr_ratio sets the learning rate of LoRA's B factors; full fine-tuning "
                                  "has none")
+        if self.quantize in INFERENCE_ONLY:
+            raise InferenceOnlyBackbone(self.quantize)
         if self.quantize is not None and self.full:
             raise ValueError("full fine-tuning updates the backbone's weights, which quantize= would freeze in int8 / "
                              "nf4: drop quantize for full=True, or train an adapter over the quantised backbone")

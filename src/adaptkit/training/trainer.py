@@ -35,7 +35,8 @@ from adaptkit import corpora
 from adaptkit import data as D
 from adaptkit.core.adapterfile import read_adapter_file
 from adaptkit.core.bank import AdaptedModel
-from adaptkit.core.errors import AdapterError
+from adaptkit.core.errors import AdapterError, InferenceOnlyBackbone
+from adaptkit.core.quantize import INFERENCE_ONLY
 from adaptkit.core.registry import METHODS, adapter_class_for
 from adaptkit.core.regularizer import add_regularizers
 from adaptkit.data import PromptFormat
@@ -175,6 +176,9 @@ class Recipe:
         if not isinstance(model, AdaptedModel):
             model = AdaptedModel.from_pretrained(model or cfg.backbone, quantize=cfg.quantize)
         model.require_tokenizer("training")
+        scheme = (model.quantization or {}).get("scheme")
+        if scheme in INFERENCE_ONLY:  # before any work: its matmuls pass no gradient (core/int8dynamic.py)
+            raise InferenceOnlyBackbone(scheme)
         if cfg.quantize is not None and (model.quantization or {}).get("scheme") != cfg.quantize:
             raise AdapterError(f"quantize={cfg.quantize!r} applies when the trainer loads the backbone by name; this "
                                "model was loaded without it: pass ak.load(name, quantize=...) instead")
