@@ -259,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_only:
         print(f"adapters ready: {', '.join(str(p) for p in loras.values())}")
         return 0
-    for name, path, *_ in [(n, model.store.path_for(n)) for n, *_ in ADAPTERS]:
+    for name, *_ in ADAPTERS:
         if name not in model.adapters:
-            model.load_adapter(path, name)
+            model.load_adapter(model.store.path_for(name), name)
     report: dict[str, Any] = {"name": args.name, "args": vars(args), "environment": provenance,
                               "llamacpp_gguf": gguf.name, "adapters": [a[0] for a in ADAPTERS]}
     server = LlamaServer(llama_cpp, gguf, list(loras.values()), 1, args.threads, 512)

@@ -169,13 +169,17 @@ def sweep_data(cfg: SweepConfig) -> dict[str, Any]:
         rows = rows.filter(lambda r: len(r["src"].split()) <= limit and len(r["tgt"].split()) <= limit)
     if cfg.train_rows:
         rows = rows.select(range(min(cfg.train_rows, len(rows))))
+    return {"train": rows, **scored_sets(cfg)}
+
+
+def scored_sets(cfg: SweepConfig) -> dict[str, Any]:
+    """The dev rows and every test set (`names`: key → set), without the training corpus: what a report needs."""
     tests = {"test": cfg.test, **{f"ood:{name}": name for name in cfg.ood_tests}}
     if cfg.forgetting_test:
         tests["forgetting"] = cfg.forgetting_test
-    data = {"train": rows, "dev": _first(load_pairs(cfg.dev, "dev"), cfg.dev_sentences)}
-    data.update({key: _first(load_pairs(name, "test"), cfg.test_sentences) for key, name in tests.items()})
-    data["names"] = tests
-    return data
+    sets = {"dev": _first(load_pairs(cfg.dev, "dev"), cfg.dev_sentences)}
+    sets.update({key: _first(load_pairs(name, "test"), cfg.test_sentences) for key, name in tests.items()})
+    return {**sets, "names": tests}
 
 
 def _first(rows: Any, n: int) -> Any:
@@ -262,8 +266,9 @@ def run_method(method: str, cfg: SweepConfig, load_model: Callable[[], Any], dat
         checkpoint = {"step": step, "train_seconds": _train_seconds(run, step), "dev_loss": summary["last_metrics"]
                       .get("loss"), **scores}
         run["checkpoints"].append(checkpoint)
-        if flattened(cfg, run) or last:
-            run["converged_at"] = step if flattened(cfg, run) else None
+        flat = flattened(cfg, run)
+        if flat or last:
+            run["converged_at"] = step if flat else None
             if not full and cfg.forgetting_test:  # the backbone answers as before with the adapter off
                 checkpoint["forgetting_adapter_off"] = score_set(model, None, data["forgetting"], cfg,
                                                                  PromptFormat() if model.family == "decoder" else None)

@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from adaptkit.bench.sweep import BARE, SweepConfig, read_run, sweep_data
+from adaptkit.bench.sweep import BARE, SweepConfig, read_run, scored_sets
 from adaptkit.evaluation.scoring import paired_bootstrap
 
 GIB = 2**30
@@ -66,8 +66,8 @@ def assemble_sweep(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _references(cfg: SweepConfig) -> dict[str, list[str]]:
-    """The reference translations of each scored set, from the data the runs were scored on."""
-    data = sweep_data(cfg)
+    """The reference translations of each scored set (the training corpus is not needed to redraw a report)."""
+    data = scored_sets(cfg)
     return {key: [r["tgt"] for r in data[key]] for key in ["dev", *data["names"]]}
 
 

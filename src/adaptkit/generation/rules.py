@@ -16,12 +16,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from adaptkit.generation.continuous import DecodingRow
+
+class RowState(Protocol):
+    """What the rules read of a row (the engine's `DecodingRow`): declared here so this module needs no import
+    of the engine that imports it."""
+
+    first_token: int | None
+    tokens: list[int]
+    max_new_tokens: int
 
 # GenerationConfig fields (and their neutral values) that make greedy search more than the rules below.
 _PROCESSING = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0, "min_new_tokens": 0,
@@ -61,7 +67,7 @@ class TokenRules:
         return cls(eos, tuple(banned), getattr(config, "forced_bos_token_id", None),
                    min(forced_eos) if forced_eos else None)
 
-    def pick(self, logits: torch.Tensor, rows: Sequence[DecodingRow | None], prefixes: Sequence[int]) -> list[int]:
+    def pick(self, logits: torch.Tensor, rows: Sequence[RowState | None], prefixes: Sequence[int]) -> list[int]:
         """Each row's next token from its float32 logits [rows, vocab]; `prefixes`: each row's decoder input
         before its first written token (the prompt; a seq2seq row's decoder start)."""
         if self.banned:
